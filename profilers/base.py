@@ -1,0 +1,83 @@
+"""The one small interface every device backend implements."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import onnx
+
+from deploykit.onnx_io import InputSpec
+from deploykit.protocol import MODEL_PROTOCOL, Measurement, Protocol
+
+
+@dataclass
+class LayerTiming:
+    name: str  # node name in the graph that really runs (after the runtime's fusion)
+    op_type: str
+    latency_ms: float  # corrected for profiler overhead
+    raw_ms: float  # as the runtime's profiler reported it (median over runs)
+    source_nodes: list[str] = field(default_factory=list)  # original ONNX node names it covers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerProfile:
+    layers: list[LayerTiming]
+    end_to_end_ms: float  # unprofiled end-to-end median
+    profiled_runs: int
+    method: str  # how the overhead was corrected, in words
+
+    @property
+    def layers_sum_ms(self) -> float:
+        return sum(layer.latency_ms for layer in self.layers)
+
+    @property
+    def sum_ratio(self) -> float:
+        return self.layers_sum_ms / self.end_to_end_ms if self.end_to_end_ms > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "layers_sum_ms": self.layers_sum_ms,
+            "end_to_end_ms": self.end_to_end_ms,
+            "sum_ratio": self.sum_ratio,
+            "profiled_runs": self.profiled_runs,
+            "correction": self.method,
+        }
+
+
+class Backend(ABC):
+    name: ClassVar[str] = "?"
+    default_precision: ClassVar[str] = "fp32"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+
+    def __init__(self, threads: int | None = None, precision: str | None = None):
+        from deploykit.errors import DeployKitError
+
+        self.threads = 1 if threads is None else int(threads)
+        if self.threads < 1:
+            raise DeployKitError(f"--threads must be >= 1, got {self.threads}")
+        self.precision = precision or self.default_precision
+        if self.precision not in self.precisions:
+            raise DeployKitError(
+                f"backend {self.name} does not support precision {self.precision!r}: use one of {', '.join(self.precisions)}"
+            )
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise DeployKitError naming what is missing when this backend cannot run here."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """Device + runtime identity: backend, cpu/gpu model, runtime version, threads, precision."""
+
+    @abstractmethod
+    def measure(self, model: onnx.ModelProto, inputs: list[InputSpec], protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
+        """End-to-end latency of `model` under the shared timing protocol."""
+
+    @abstractmethod
+    def measure_layers(self, model: onnx.ModelProto, inputs: list[InputSpec], end_to_end: Measurement | None = None) -> LayerProfile:
+        """Per-layer latency of the nodes that really run, mapped back to the original node names."""
