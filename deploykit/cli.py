@@ -139,6 +139,8 @@ def _add_backend_args(p, default_threads: int | None = 1) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .profile import DEFAULT_KERNELS, DEFAULT_MINUTES
+
     ap = argparse.ArgumentParser(prog="deploykit", description=__doc__)
     ap.add_argument("--version", action="version", version=f"deploykit {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="build a device latency table by measuring sampled kernels")
     _add_backend_args(p)
     p.add_argument("--name", required=True, help="device name; the table is OUT_DIR/NAME.jsonl")
-    p.add_argument("--minutes", type=float, default=15.0, help="wall-time bound (default 15)")
-    p.add_argument("--kernels", type=int, default=1600, help="kernels to measure (default 1600)")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"wall-time bound (default {DEFAULT_MINUTES:g})")
+    p.add_argument("--kernels", type=int, default=DEFAULT_KERNELS, help=f"kernels to measure (default {DEFAULT_KERNELS})")
     p.add_argument("--resume", action="store_true", help="continue an existing table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="latency_tables", help="where tables go (default ./latency_tables)")

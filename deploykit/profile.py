@@ -15,10 +15,11 @@ from .onnx_io import InputSpec
 from .protocol import KERNEL_PROTOCOL, Protocol
 from .table import LatencyTable, TableEntry, utc_now
 
-DEFAULT_KERNELS = 1600
+DEFAULT_KERNELS = 3000
 DEFAULT_MINUTES = 15.0
 PRIOR_SHARE = 0.65  # the rest is spent where latency changes fast (adaptive sampling)
 ADAPTIVE_BATCH = 100
+PRIOR_CHUNK = 250
 
 
 @dataclass
@@ -56,18 +57,24 @@ def profile_device(backend, path: Path, name: str, *, kernels: int = DEFAULT_KER
     table = open_table(path, name, backend.fingerprint(), protocol, resume)
     start = time.monotonic()
     deadline = start + minutes * 60.0
-    rng = np.random.default_rng(seed)
-    # The prior plan depends only on the seed, so a resumed run continues the same plan.
-    plan = [k for k in sample_kernels(int(kernels * PRIOR_SHARE), rng) if k.key not in table.entries]
+    # Separate generators: the prior plan depends only on the seed, so a resumed run replays it.
+    prior_rng, adaptive_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    prior_left = int(kernels * PRIOR_SHARE)
+    plan: list[Kernel] = []
     done_before = len(table.entries)
     measured, failed, stopped_by = 0, 0, "target"
     bar = tqdm(total=kernels, initial=min(done_before, kernels), desc=f"profile {name}", unit="kernel",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         while len(table.entries) < kernels:
+            if not plan and prior_left > 0:
+                chunk = sample_kernels(min(PRIOR_CHUNK, prior_left), prior_rng)
+                prior_left -= len(chunk)
+                plan = [k for k in chunk if k.key not in table.entries]
+                continue
             if not plan:
                 have = [(Kernel.from_dict(e.kernel), e.stats.median_ms) for e in table.entries.values()]
-                plan = propose_adaptive(have, min(ADAPTIVE_BATCH, kernels - len(table.entries)), rng,
+                plan = propose_adaptive(have, min(ADAPTIVE_BATCH, kernels - len(table.entries)), adaptive_rng,
                                         exclude_keys=set(table.entries))
                 if not plan:
                     break

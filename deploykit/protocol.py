@@ -38,8 +38,8 @@ class Protocol:
 MODEL_PROTOCOL = Protocol()
 # Single kernels in `deploykit profile`: thousands of them, so shorter rounds.
 KERNEL_PROTOCOL = Protocol(
-    warmup_runs=2, warmup_s=0.02, rounds=3, round_s=0.03, min_runs_per_round=3,
-    max_runs_per_round=500, tolerance=0.05, max_rounds=5,
+    warmup_runs=3, warmup_s=0.02, rounds=3, round_s=0.05, min_runs_per_round=5,
+    max_runs_per_round=1000, tolerance=0.05, max_rounds=6,
 )
 
 
@@ -81,7 +81,7 @@ def run_protocol(run_once: Callable[[], float], protocol: Protocol = MODEL_PROTO
     p = protocol
     start = time.perf_counter()
     warm: list[float] = []
-    while len(warm) < p.warmup_runs or time.perf_counter() - start < p.warmup_s:
+    while len(warm) < max(p.warmup_runs, 1) or time.perf_counter() - start < p.warmup_s:  # one run at least: it sizes the rounds
         warm.append(run_once())
         if len(warm) >= 10 * max(p.warmup_runs, 1) and time.perf_counter() - start >= p.warmup_s / 4:
             break  # very fast models: enough warm-up, don't spin

@@ -243,6 +243,9 @@ def resolve_device(device: str) -> Path:
 
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a table is an ordinary shareable file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
