@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
 from deploykit.onnx_io import InputSpec
 from deploykit.protocol import MODEL_PROTOCOL, Measurement, Protocol
@@ -81,3 +83,29 @@ class Backend(ABC):
     @abstractmethod
     def measure_layers(self, model: onnx.ModelProto, inputs: list[InputSpec], end_to_end: Measurement | None = None) -> LayerProfile:
         """Per-layer latency of the nodes that really run, mapped back to the original node names."""
+
+
+CAL_NODES = 128
+CAL_INPUT = InputSpec("x", (1, 8), np.float32)
+
+
+def chain_model(n: int) -> onnx.ModelProto:
+    """n cheap element-wise nodes on a tiny tensor: the time per node is almost all overhead."""
+    nodes = [helper.make_node("Abs" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n)]
+    nodes[0].input[0] = "x"
+    nodes[-1].output[0] = "y"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def calibrate_node_overhead_ms(wall_ms: Callable[[onnx.ModelProto], float],
+                               layers_sum_ms: Callable[[onnx.ModelProto], float]) -> float:
+    """What one node really costs in a plain run beyond what per-layer timing credits it with (may be negative).
+
+    Compares a 1-node and a CAL_NODES-node chain of trivial nodes: the unprofiled wall time per extra
+    node against the per-layer time per extra node. Per-layer figures are corrected by this amount,
+    never rescaled to the end-to-end figure, so their sum against end-to-end stays a real check.
+    """
+    short, long = chain_model(1), chain_model(CAL_NODES)
+    return ((wall_ms(long) - wall_ms(short)) - (layers_sum_ms(long) - layers_sum_ms(short))) / (CAL_NODES - 1)

@@ -10,7 +10,6 @@ from functools import lru_cache
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from deploykit.errors import DeployKitError
 from deploykit.fingerprint import host_fingerprint
@@ -19,7 +18,7 @@ from deploykit.onnx_io import InputSpec, random_feeds
 from deploykit.protocol import MODEL_PROTOCOL, Measurement, Protocol, run_protocol
 
 from . import register_backend
-from .base import Backend, LayerProfile, LayerTiming
+from .base import CAL_INPUT, CAL_NODES, Backend, LayerProfile, LayerTiming, calibrate_node_overhead_ms
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -107,7 +106,7 @@ class OrtCpuBackend(Backend):
                                       source_nodes=sources.get(name, [])))
         return LayerProfile(
             layers=layers, end_to_end_ms=end_to_end.latency_ms, profiled_runs=len(next(iter(raw.values()), [])),
-            method=f"per-node executor/profiler overhead {per_node_ms * 1000:+.2f} us, calibrated on a {_CAL_NODES}-node chain",
+            method=f"per-node executor/profiler overhead {per_node_ms * 1000:+.2f} us, calibrated on a {CAL_NODES}-node chain",
         )
 
     def _profile_nodes(self, model, inputs, min_runs: int, min_s: float):
@@ -137,33 +136,11 @@ class OrtCpuBackend(Backend):
         return ordered, optimised
 
 
-_CAL_NODES = 128
-
-
-def _chain_model(n: int) -> onnx.ModelProto:
-    """n cheap element-wise nodes on a tiny tensor: the time per node is almost all overhead."""
-    nodes = [helper.make_node("Abs" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n)]
-    nodes[0].input[0] = "x"
-    nodes[-1].output[0] = "y"
-    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 @lru_cache(maxsize=None)
 def node_overhead_ms(threads: int) -> float:
-    """What one node really costs beyond what the profiler credits it with (may be negative).
-
-    Compares a short and a long chain of trivial nodes: the unprofiled wall time per extra node
-    against the profiled kernel time per extra node. Calibrated once per process and thread count.
-    """
+    """Executor cost per node the profiler does not see, net of the profiler's own cost; once per process."""
     backend = OrtCpuBackend(threads=threads)
-    spec = [InputSpec("x", (1, 8), np.float32)]
-    wall, kern = [], []
-    for n in (1, _CAL_NODES):
-        m = _chain_model(n)
-        wall.append(backend.measure(m, spec).latency_ms)
-        raw, _ = backend._profile_nodes(m, spec, min_runs=200, min_s=0.3)
-        kern.append(sum(float(np.median(v)) for v in raw.values()))
-    extra = _CAL_NODES - 1
-    return ((wall[1] - wall[0]) - (kern[1] - kern[0])) / extra
+    return calibrate_node_overhead_ms(
+        lambda m: backend.measure(m, [CAL_INPUT]).latency_ms,
+        lambda m: sum(float(np.median(v)) for v in backend._profile_nodes(m, [CAL_INPUT], min_runs=200, min_s=0.3)[0].values()),
+    )

@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from deploykit.errors import DeployKitError
 from deploykit.fingerprint import host_fingerprint
@@ -22,7 +21,7 @@ from deploykit.onnx_io import InputSpec, random_feeds
 from deploykit.protocol import MODEL_PROTOCOL, Measurement, Protocol, run_protocol
 
 from . import register_backend
-from .base import Backend, LayerProfile, LayerTiming
+from .base import CAL_INPUT, CAL_NODES, Backend, LayerProfile, LayerTiming, calibrate_node_overhead_ms
 
 LayerTimes = dict[Any, list[float]]  # node module -> per-run milliseconds (modules: names need not be unique)
 
@@ -133,7 +132,7 @@ class TorchBackend(Backend):
                                       raw_ms=raw_ms, source_nodes=[op.onnx_name]))
         return LayerProfile(
             layers=layers, end_to_end_ms=end_to_end.latency_ms, profiled_runs=len(next(iter(times.values()), [])),
-            method=f"per-node module-call/hook overhead {per_node_ms * 1000:+.2f} us, calibrated on a {_CAL_NODES}-node chain",
+            method=f"per-node module-call/hook overhead {per_node_ms * 1000:+.2f} us, calibrated on a {CAL_NODES}-node chain",
         )
 
     def _layer_times(self, module, xs: tuple, min_runs: int, min_s: float) -> LayerTimes:
@@ -173,33 +172,17 @@ class TorchCpuBackend(TorchBackend):
 
 # ---------------------------------------------------------------------------------------------- calibration
 
-_CAL_NODES = 128
-
-
-def chain_model(n: int) -> onnx.ModelProto:
-    """n cheap element-wise nodes on a tiny tensor: the time per node is almost all overhead."""
-    nodes = [helper.make_node("Abs" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n)]
-    nodes[0].input[0] = "x"
-    nodes[-1].output[0] = "y"
-    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 @lru_cache(maxsize=None)
 def hook_overhead_ms(backend_cls: type[TorchBackend], threads: int, precision: str) -> float:
-    """What one node really costs in an unhooked forward beyond what its hook pair credits it with (may be negative).
-
-    Compares a short and a long chain of trivial nodes: the unhooked wall time per extra node (module
-    call, graph loop, op dispatch) against the hook-measured time per extra node. Calibrated once per
-    process, backend, thread count and precision.
-    """
+    """Module-call and dispatch cost per node the hooks do not see, net of the hooks' own cost; once per process."""
     backend = backend_cls(threads=threads, precision=precision)
-    spec = [InputSpec("x", (1, 8), np.float32)]
-    wall, hooked = [], []
-    for n in (1, _CAL_NODES):
-        module, xs = backend._convert(chain_model(n), spec)
-        wall.append(backend._measure_placed(module, xs, MODEL_PROTOCOL).latency_ms)
-        times = backend._layer_times(module, xs, min_runs=200, min_s=0.3)
-        hooked.append(sum(float(np.median(v)) for v in times.values()))
-    return ((wall[1] - wall[0]) - (hooked[1] - hooked[0])) / (_CAL_NODES - 1)
+
+    def wall_ms(model: onnx.ModelProto) -> float:
+        module, xs = backend._convert(model, [CAL_INPUT])
+        return backend._measure_placed(module, xs, MODEL_PROTOCOL).latency_ms
+
+    def hooked_ms(model: onnx.ModelProto) -> float:
+        module, xs = backend._convert(model, [CAL_INPUT])
+        return sum(float(np.median(v)) for v in backend._layer_times(module, xs, min_runs=200, min_s=0.3).values())
+
+    return calibrate_node_overhead_ms(wall_ms, hooked_ms)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from onnx import TensorProto, helper, save
 
 from deploykit.table import LatencyTable

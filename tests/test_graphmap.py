@@ -1,5 +1,4 @@
 """The fused graph ONNX Runtime runs, mapped back to the original nodes."""
-import onnx
 import pytest
 
 from deploykit.onnx_io import input_specs, load_onnx
