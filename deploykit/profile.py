@@ -67,6 +67,9 @@ def profile_device(backend, path: Path, name: str, *, kernels: int = DEFAULT_KER
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         while len(table.entries) < kernels:
+            if time.monotonic() >= deadline:
+                stopped_by = "time"
+                break
             if not plan and prior_left > 0:
                 chunk = sample_kernels(min(PRIOR_CHUNK, prior_left), prior_rng)
                 prior_left -= len(chunk)
@@ -78,9 +81,6 @@ def profile_device(backend, path: Path, name: str, *, kernels: int = DEFAULT_KER
                                         exclude_keys=set(table.entries))
                 if not plan:
                     break
-            if time.monotonic() >= deadline:
-                stopped_by = "time"
-                break
             kernel = plan.pop(0)
             bar.set_postfix_str(kernel.kind, refresh=False)
             try:
