@@ -21,6 +21,7 @@ from . import register_backend
 from .base import CAL_INPUT, CAL_NODES, Backend, LayerProfile, LayerTiming, calibrate_node_overhead_ms
 
 PROVIDER = "CPUExecutionProvider"
+_TRACE_WARMUP_RUNS = 3  # profiled runs whose node events are discarded
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix: str | None = None,
@@ -116,23 +117,23 @@ class OrtCpuBackend(Backend):
             sess = make_session(model, self.threads, profile_prefix=os.path.join(tmp, "trace"),
                                 optimized_path=opt_path, level=self.graph_optimization)
             run_once = self._runner(sess, inputs)
-            for _ in range(3):
-                run_once()  # warm-up runs are dropped from the trace below
+            for _ in range(_TRACE_WARMUP_RUNS):
+                run_once()  # dropped from the trace below
             t0, n = time.perf_counter(), 0
             while n < min_runs or time.perf_counter() - t0 < min_s:
                 run_once()
                 n += 1
-            events = json.load(open(sess.end_profiling(), encoding="utf-8"))
+            with open(sess.end_profiling(), encoding="utf-8") as f:
+                events = json.load(f)
             opt = onnx.load(opt_path, load_external_data=False)
         optimised = {nd.name: (nd.op_type, nd.input, nd.output) for nd in opt.graph.node}
         per_node: dict[str, list[float]] = defaultdict(list)
         for e in events:
             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
                 per_node[e["name"][: -len("_kernel_time")]].append(e["dur"] / 1000.0)
-        # keep graph order; drop the warm-up runs (first 3 events of each node)
-        ordered = {name: per_node[name][3:] or per_node[name] for name in optimised if name in per_node}
-        for name in per_node:
-            ordered.setdefault(name, per_node[name][3:] or per_node[name])
+        # graph order first, then any node the trace has but the saved graph lacks
+        names = [n for n in optimised if n in per_node] + [n for n in per_node if n not in optimised]
+        ordered = {n: per_node[n][_TRACE_WARMUP_RUNS:] or per_node[n] for n in names}
         return ordered, optimised
 
 

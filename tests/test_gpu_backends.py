@@ -42,17 +42,22 @@ def _check_profile(model: onnx.ModelProto, profile, band: tuple[float, float]) -
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_torch_cuda_measures_network_and_layers(small_net, precision):
-    backend = get_backend("torch-cuda", precision=precision)
+@pytest.mark.parametrize("name,runtime", [
+    pytest.param("torch-cuda", "torch", marks=needs_cuda),
+    pytest.param("tensorrt", "tensorrt", marks=[pytest.mark.tensorrt, needs_trt]),
+])
+def test_gpu_backend_measures_network_and_layers(small_net, name, runtime, precision):
+    backend = get_backend(name, precision=precision)
     specs = input_specs(small_net)
     m = backend.measure(small_net, specs, QUICK)
     assert math.isfinite(m.latency_ms) and 0 < m.latency_ms < 1000
     profile = backend.measure_layers(small_net, specs, m)
     _check_profile(small_net, profile, (0.3, 3.0))
     fp = backend.fingerprint()
-    assert fp["gpu_name"] and fp["cuda_version"] and fp["precision"] == precision
+    assert fp["runtime"] == runtime and fp["precision"] == precision
+    if name == "torch-cuda":
+        assert fp["gpu_name"] and fp["cuda_version"]
 
 
 @pytest.mark.gpu
@@ -78,20 +83,6 @@ def test_torch_cuda_measure_module_leaves_the_callers_module_alone():
     assert 0 < m.latency_ms < 1000
     p = next(module.parameters())
     assert p.device.type == "cpu" and p.dtype == torch.float32
-
-
-@pytest.mark.gpu
-@pytest.mark.tensorrt
-@needs_trt
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_measures_network_and_layers(small_net, precision):
-    backend = get_backend("tensorrt", precision=precision)
-    specs = input_specs(small_net)
-    m = backend.measure(small_net, specs, QUICK)
-    assert math.isfinite(m.latency_ms) and 0 < m.latency_ms < 1000
-    profile = backend.measure_layers(small_net, specs, m)
-    _check_profile(small_net, profile, (0.3, 3.0))
-    assert backend.fingerprint()["runtime"] == "tensorrt"
 
 
 def test_trt_layer_names_map_to_onnx_nodes():
