@@ -48,8 +48,9 @@ def cmd_profile(args) -> int:
 
     backend = _backend(args)
     out_dir = Path(args.out_dir)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
     result = profile_device(backend, out_dir / f"{args.name}.jsonl", args.name, kernels=args.kernels, minutes=args.minutes,
-                            resume=args.resume, seed=args.seed, progress=not args.no_progress)
+                            resume=args.resume, seed=args.seed, progress=not args.no_progress, kinds=kinds, nets=args.nets)
     msg = (f"{result.table_path}: {result.total} kernels ({result.measured_now} measured now in {result.seconds:.0f} s"
            + (f", {result.failed} rejected by the runtime" if result.failed else "") + ")")
     if result.stopped_by == "interrupt":
@@ -58,7 +59,91 @@ def cmd_profile(args) -> int:
     if result.stopped_by == "time":
         msg += f"; stopped at --minutes {args.minutes:g}, continue with --resume"
     print(msg)
+    if result.stopped_by == "target" and not args.no_fit:
+        _fit_and_report(result.table_path, progress=not args.no_progress)
     return 0
+
+
+def _fit_and_report(table_path: Path, progress: bool, out: Path | None = None) -> Path:
+    from .predictor import fit_predictor, predictor_path
+    from .table import LatencyTable
+
+    table = LatencyTable.load(table_path)
+    pred = fit_predictor(table, progress=progress)
+    path = pred.save(out or predictor_path(table.path))
+    chosen = ", ".join(f"{k} {v['chosen']}" for k, v in pred.doc["selection"].items())
+    calib = pred.doc["overhead"]["calibration"]
+    loo = calib.get("leave_one_out")
+    tail = (f"; calibration on {calib['n']} networks: leave-one-out MAPE {loo['mape']:.1%}, {loo['within_10']:.0%} within 10%"
+            if loo else f"; {calib.get('note', '')}")
+    print(f"{path}: regressors per kind: {chosen}{tail}")
+    return path
+
+
+def cmd_predict(args) -> int:
+    from .onnx_io import input_specs, load_onnx, parse_shape
+    from .predictor import KernelPredictor
+
+    model = load_onnx(args.model)
+    specs = input_specs(model, parse_shape(args.shape) if args.shape else None)
+    predictor = KernelPredictor.for_device(args.device)
+    pred = predictor.predict_onnx(model, specs, allow_missing=args.allow_missing)
+    out = {"model": str(args.model), "device": predictor.doc["table"], **pred.to_dict(),
+           "inputs": {s.name: list(s.shape) for s in specs}}
+    for m in pred.missing:
+        print(f"deploykit: warning: not predicted (counted as 0 ms): node {m['name']} {m['op_type']}: {m['reason']}",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.model}: {pred.latency_ms:.3f} ms predicted on {predictor.doc['table']} ({len(pred.layers)} kernels, "
+          f"model overhead {pred.overhead_ms:+.3f} ms)" + (f", {len(pred.missing)} NOT PREDICTED" if pred.missing else ""))
+    if args.layers:
+        print(f"{'kernel':<40} {'op':<28} {'kind':<8} {'ms':>9}")
+        for layer in pred.layers:
+            print(f"{layer.name[:40]:<40} {layer.op_type[:28]:<28} {layer.kind:<8} {layer.latency_ms:9.4f}"
+                  + ("  (fused)" if layer.fused else ""))
+    return 0
+
+
+def cmd_predictor(args) -> int:
+    from .table import LatencyTable, resolve_device
+
+    if args.predictor_cmd == "fit":
+        table_path = resolve_device(args.device)
+        LatencyTable.load(table_path)  # refuse a bad table before the work starts
+        _fit_and_report(table_path, progress=not args.no_progress, out=Path(args.out) if args.out else None)
+        return 0
+    from .evaluate import evaluate_models, plot, summarise, write_json
+    from .predictor import KernelPredictor
+
+    predictor = KernelPredictor.for_device(args.device)
+    backend = _backend_for_table(predictor.device)
+    rows = evaluate_models(predictor, Path(args.models), backend, allow_missing=args.allow_missing,
+                           progress=not args.no_progress, force=args.force)
+    report = {"device": predictor.doc["table"], "models_dir": str(args.models), **summarise(rows)}
+    out = Path(args.out)
+    write_json(report, out / "evaluation.json")
+    plot(rows, out / "predicted_vs_measured.png", f"{predictor.doc['table']}: {len(rows)} models")
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{'model':<44} {'measured ms':>11} {'predicted':>10} {'error':>7}")
+    for r in rows:
+        print(f"{r.model[:44]:<44} {r.measured_ms:11.3f} {r.predicted_ms:10.3f} {r.rel_error:+7.1%}")
+    for name, acc in (("predictor", report["predictor"]), ("MACs baseline", report["macs_baseline"])):
+        print(f"{name:<14} within 5%: {acc['within_5']:.1%}  within 10%: {acc['within_10']:.1%}  MAPE {acc['mape']:.1%}  "
+              f"RMSE {acc['rmse_ms']:.3f} ms  Kendall tau {acc['kendall_tau']:.3f}  (n={acc['n']})")
+    print(f"report: {out / 'evaluation.json'}, plot: {out / 'predicted_vs_measured.png'}")
+    return 0
+
+
+def _backend_for_table(device: dict):
+    """The backend a table was measured with, configured as it was (threads, precision)."""
+    from deploykit.profilers import get_backend
+
+    return get_backend(device.get("backend", "ort-cpu"), threads=int(device.get("threads") or 1),
+                       precision=device.get("precision"))
 
 
 def cmd_table(args) -> int:
@@ -83,7 +168,8 @@ def cmd_table(args) -> int:
         print(f"{table.path}: ok ({len(table.entries)} kernels, format_version {table.header['format_version']})")
         return 0
     summary = {"path": str(table.path), "name": table.name, "format_version": table.header["format_version"],
-               "created_utc": table.header.get("created_utc"), "kernels": len(table.entries), "kinds": table.kinds(),
+               "created_utc": table.header.get("created_utc"), "kinds": table.kinds(),
+               "kernels": sum(n for k, n in table.kinds().items() if k != "net"), "nets": table.kinds().get("net", 0),
                "device": table.device}
     if args.json:
         print(json.dumps(summary))
@@ -91,7 +177,8 @@ def cmd_table(args) -> int:
         print(f"{summary['name']}  ({summary['path']}, format_version {summary['format_version']}, created {summary['created_utc']})")
         for k, v in summary["device"].items():
             print(f"  {k:<20} {v}")
-        print(f"  {len(table.entries)} kernels: " + ", ".join(f"{k} {n}" for k, n in summary["kinds"].items()))
+        print(f"  {summary['kernels']} kernels, {summary['nets']} calibration networks: "
+              + ", ".join(f"{k} {n}" for k, n in summary["kinds"].items()))
     return 0
 
 
@@ -109,26 +196,31 @@ def cmd_backends(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    """The main job on built-in defaults: quick-profile this machine, measure a built-in network."""
+    """The main job on built-in defaults: quick-profile this machine, fit its predictor, predict and measure a network."""
     from . import zoo
     from .onnx_io import input_specs, load_onnx
+    from .predictor import KernelPredictor
     from .profile import profile_device
 
     out = Path(args.out)
     backend = _backend(args)
     result = profile_device(backend, out / "latency_tables" / f"{args.name}.jsonl", args.name, kernels=args.kernels,
-                            minutes=args.minutes, resume=True, progress=not args.no_progress)
-    print(f"profiled: {result.table_path} ({result.total} kernels)")
+                            minutes=args.minutes, resume=True, progress=not args.no_progress, nets=args.nets)
+    print(f"profiled: {result.table_path} ({result.total} kernels, {result.nets} calibration networks)")
+    _fit_and_report(result.table_path, progress=not args.no_progress)
     onnx_path = zoo.export_onnx(zoo.build(args.model), (1, 3, args.resolution, args.resolution), out / f"{args.model}.onnx")
     model = load_onnx(onnx_path)
     specs = input_specs(model)
+    pred = KernelPredictor.for_device(str(result.table_path)).predict_onnx(model, specs)
     m = backend.measure(model, specs)
     layers = backend.measure_layers(model, specs, end_to_end=m)
     report = {"model": str(onnx_path), **m.to_dict(), **layers.to_dict(), "device": backend.fingerprint(),
-              "table": str(result.table_path)}
+              "table": str(result.table_path), "predicted_latency_ms": pred.latency_ms,
+              "prediction_error": (pred.latency_ms - m.latency_ms) / m.latency_ms}
     (out / "quickstart.json").write_text(json.dumps(report, indent=1))
-    print(f"{args.model} {args.resolution}x{args.resolution}: {m.latency_ms:.2f} ms median (p90 {m.stats.p90_ms:.2f}), "
-          f"{len(layers.layers)} fused layers summing to {layers.sum_ratio:.3f} x end-to-end; report: {out / 'quickstart.json'}")
+    print(f"{args.model} {args.resolution}x{args.resolution}: predicted {pred.latency_ms:.2f} ms from the quick table, measured "
+          f"{m.latency_ms:.2f} ms median (p90 {m.stats.p90_ms:.2f}, {report['prediction_error']:+.1%}); {len(layers.layers)} fused "
+          f"layers summing to {layers.sum_ratio:.3f} x end-to-end; report: {out / 'quickstart.json'}")
     return 0
 
 
@@ -139,7 +231,7 @@ def _add_backend_args(p, default_threads: int | None = 1) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .profile import DEFAULT_KERNELS, DEFAULT_MINUTES
+    from .profile import DEFAULT_KERNELS, DEFAULT_MINUTES, DEFAULT_NETS
 
     ap = argparse.ArgumentParser(prog="deploykit", description=__doc__)
     ap.add_argument("--version", action="version", version=f"deploykit {__version__}")
@@ -159,10 +251,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"wall-time bound (default {DEFAULT_MINUTES:g})")
     p.add_argument("--kernels", type=int, default=DEFAULT_KERNELS, help=f"kernels to measure (default {DEFAULT_KERNELS})")
     p.add_argument("--resume", action="store_true", help="continue an existing table")
+    p.add_argument("--kinds", help="comma-separated kernel kinds to sample (default all); --kernels stays the table total")
+    p.add_argument("--nets", type=int, default=DEFAULT_NETS,
+                   help=f"calibration networks measured after the kernels, for the predictor (default {DEFAULT_NETS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="latency_tables", help="where tables go (default ./latency_tables)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-fit", action="store_true", help="do not fit the latency predictor at the end")
     p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("predict", help="predict an ONNX model's latency on a profiled device, without running it")
+    p.add_argument("model", help="path of an .onnx file")
+    p.add_argument("--device", required=True, help="latency table path or device name")
+    p.add_argument("--shape", help="input shape for dynamic dims, e.g. 1,3,224,224")
+    p.add_argument("--allow-missing", action="store_true", help="predict the rest when some op has no kernel, and report it")
+    p.add_argument("--layers", action="store_true", help="print the per-kernel breakdown")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("predictor", help="fit or evaluate a device's latency predictor")
+    psub = p.add_subparsers(dest="predictor_cmd", required=True)
+    q = psub.add_parser("fit", help="fit the per-kind regressors and the network calibration on a device table")
+    q.add_argument("--device", required=True, help="latency table path or device name")
+    q.add_argument("--out", help="predictor file (default: NAME.predictor.json beside the table)")
+    q.add_argument("--no-progress", action="store_true")
+    q = psub.add_parser("evaluate", help="measure each model in a folder here, predict it, and score the predictor")
+    q.add_argument("--device", required=True, help="latency table path or device name (must be this machine)")
+    q.add_argument("--models", required=True, help="folder of .onnx models with static input shapes")
+    q.add_argument("--out", default="runs/predictor-eval", help="where evaluation.json and the plot go")
+    q.add_argument("--allow-missing", action="store_true")
+    q.add_argument("--force", action="store_true", help="evaluate even if this machine differs from the table's device")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_predictor)
 
     p = sub.add_parser("table", help="show, validate or merge latency tables")
     tsub = p.add_subparsers(dest="table_cmd", required=True)
@@ -186,12 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--name", default="this-machine-quick")
-    p.add_argument("--kernels", type=int, default=200)
-    p.add_argument("--minutes", type=float, default=2.0)
+    p.add_argument("--kernels", type=int, default=300)
+    p.add_argument("--nets", type=int, default=12, help="calibration networks (default 12)")
+    p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_quickstart)
+
+    from .archcli import register as register_arch_predictor
+
+    register_arch_predictor(sub)
     return ap
 
 

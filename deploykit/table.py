@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DeployKitError
+from .fileio import atomic_write
 from .fingerprint import mismatches
 from .stats import LatencyStats
 
@@ -133,7 +133,7 @@ class LatencyTable:
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "device": device,
                   "protocol": protocol or {}, "created_utc": utc_now(), "deploykit_version": __version__}
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(header, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(header, sort_keys=True) + "\n")
         return cls(path=path, header=header)
 
     def repair(self) -> None:
@@ -158,7 +158,7 @@ class LatencyTable:
         path = Path(path) if path is not None else self.path
         lines = [json.dumps(self.header, sort_keys=True)] + [json.dumps(e.to_json(), sort_keys=True) for e in self.entries.values()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, "\n".join(lines) + "\n")
+        atomic_write(path, "\n".join(lines) + "\n")
         return path
 
     # -- checks and summaries ----------------------------------------------------------------
@@ -239,19 +239,3 @@ def resolve_device(device: str) -> Path:
         f"no latency table for device {device!r}: run `deploykit profile --name {device}` first"
         + (f" (known devices: {', '.join(known)})" if known else "")
     )
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a table is an ordinary shareable file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

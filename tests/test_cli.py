@@ -75,10 +75,12 @@ def test_profile_kill9_then_resume(tmp_path):
 
     # without --resume the table is refused, untouched
     assert "--resume" in one_error_line(run_cli("profile", "--name", "dev", "--kernels", "60", cwd=tmp_path))
-    done = run_cli("profile", "--name", "dev", "--kernels", "60", "--resume", "--no-progress", cwd=tmp_path)
+    done = run_cli("profile", "--name", "dev", "--kernels", "60", "--nets", "2", "--resume", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "latency_tables" / "dev.predictor.json").exists()  # fitted at the end of the profile
     after = LatencyTable.load(table)
-    assert len(after.entries) == 60 and after.validate() == []
+    nets = [k for k in after.entries if k.startswith("net:")]
+    assert len(after.entries) == 62 and len(nets) == 2 and after.validate() == []
     # nothing finished before the kill was lost or rewritten
     after_lines = table.read_text().splitlines()
     assert all(line in after_lines for line in before_lines[1:])
@@ -86,7 +88,7 @@ def test_profile_kill9_then_resume(tmp_path):
         assert after.entries[key].stats == e.stats
 
     show = run_cli("table", "show", "dev", "--json", cwd=tmp_path)
-    assert show.returncode == 0 and json.loads(show.stdout)["kernels"] == 60
+    assert show.returncode == 0 and json.loads(show.stdout)["kernels"] == 60 and json.loads(show.stdout)["nets"] == 2
     assert run_cli("table", "validate", "dev", cwd=tmp_path).returncode == 0
 
 
@@ -99,6 +101,7 @@ def test_profile_time_bound(tmp_path):
 
 
 def test_profile_refuses_other_device_on_resume(tmp_path):
-    assert run_cli("profile", "--name", "d", "--kernels", "3", "--no-progress", cwd=tmp_path).returncode == 0
+    assert run_cli("profile", "--name", "d", "--kernels", "3", "--nets", "0", "--no-fit", "--no-progress",
+                   cwd=tmp_path).returncode == 0
     line = one_error_line(run_cli("profile", "--name", "d", "--kernels", "6", "--threads", "2", "--resume", cwd=tmp_path))
     assert "another device" in line

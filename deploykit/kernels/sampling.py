@@ -51,7 +51,7 @@ RESOLUTIONS = tuple(sorted({s.h for s in SITES}))
 # conv/dwconv carry most of a CNN's time; every kind keeps >= 4% so 1,500 samples give ~60 per kind
 DEFAULT_KIND_WEIGHTS: dict[str, float] = {
     "conv": 0.30, "dwconv": 0.19, "gconv": 0.05, "se": 0.06, "add": 0.05, "mul": 0.05, "concat": 0.05,
-    "linear": 0.05, "shuffle": 0.04, "maxpool": 0.04, "avgpool": 0.04, "gap": 0.04, "resize": 0.04,
+    "linear": 0.05, "shuffle": 0.04, "maxpool": 0.04, "avgpool": 0.04, "gap": 0.04, "resize": 0.04, "split": 0.03, "act": 0.03,
 }
 MIN_FIT = 10  # fewer measured points of a kind than this: no regressor, treat the kind as unexplored
 _TRIES_PER_KERNEL = 60
@@ -73,10 +73,11 @@ def _kind_weights(kinds: Sequence[str] | Mapping[str, float] | None) -> dict[str
         weights = {k: float(w) for k, w in kinds.items()}
     else:
         fallback = min(DEFAULT_KIND_WEIGHTS.values())  # later-registered kinds get the smallest default share
-        names = space.KERNEL_KINDS if kinds is None else kinds
+        names = [k for k in space.KERNEL_KINDS if kind_spec(k).sampled] if kinds is None else kinds
         weights = {k: DEFAULT_KIND_WEIGHTS.get(k, fallback) for k in names}
     for k, w in weights.items():
-        kind_spec(k)  # raises ValueError naming the valid kinds
+        if not kind_spec(k).sampled:  # kind_spec raises ValueError naming the valid kinds
+            raise ValueError(f"kind {k!r} is measured on purpose, not sampled")
         if not w >= 0:
             raise ValueError(f"kind weight for {k!r} must be >= 0, got {w}")
     if not weights or sum(weights.values()) <= 0:
@@ -151,7 +152,7 @@ def propose_adaptive(measured: Iterable[tuple[Kernel, float]], n: int, rng: np.r
     """n new kernels perturbed from measured ones where latency is predicted worst, kinds by error mass."""
     by_kind: dict[str, list[tuple[Kernel, float]]] = defaultdict(list)
     for kern, lat in measured:
-        if np.isfinite(lat) and lat > 0:  # failed measurements carry no information
+        if np.isfinite(lat) and lat > 0 and kern.spec.sampled:  # failed measurements carry no information
             by_kind[kern.kind].append((kern, float(lat)))
     if not by_kind:
         return sample_kernels(n, rng, max_macs=max_macs) if n > 0 else []

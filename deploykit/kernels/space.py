@@ -82,10 +82,11 @@ class _Graph:
         fan_in = max(1, math.prod(shape[1:]))  # He init keeps activations in a normal numeric range
         return self.const(self.rng.standard_normal(shape, dtype=np.float32) * math.sqrt(2 / fan_in))
 
-    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
-        out = f"t{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs: Any) -> str:
+        """Append a node; returns its (first) output. Further outputs become graph outputs too."""
+        outs = [f"t{len(self.nodes)}"] + [f"t{len(self.nodes)}_{i}" for i in range(1, n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0]
 
     def bn(self, x: str, c: int) -> str:
         r = self.rng
@@ -108,6 +109,7 @@ class KindSpec:
     domains: ClassVar[dict[str, Domain]] = {}
     defaults: ClassVar[Params] = {}
     channel_params: ClassVar[tuple[str, ...]] = ()  # scaled by perturb()
+    sampled: ClassVar[bool] = True  # False: measured on purpose (calibration networks), never sampled
     derived: ClassVar[tuple[str, ...]] = ()  # set by repair(), never perturbed directly
 
     def fill(self, p: Params) -> Params:
@@ -163,6 +165,10 @@ class KindSpec:
     def build(self, g: _Graph, p: Params) -> str:
         raise NotImplementedError
 
+    def build_model(self, p: Params, opset: int) -> onnx.ModelProto | None:
+        """A whole model for kinds not built node by node (calibration networks); None: use build()."""
+        return None
+
     def features(self, p: Params) -> dict[str, float]:
         f: dict[str, float] = {}
         for name, dom in self.domains.items():
@@ -170,6 +176,8 @@ class KindSpec:
                 f.update({f"{name}={c}": float(p[name] == c) for c in dom})  # one-hot, stable key set per kind
             else:
                 f[name] = float(p[name])
+        for name in self.channel_params:  # ONNX Runtime's blocked (NCHWc) kernels need channels in blocks of 8 or 16
+            f.update({f"{name}%8": float(p[name] % 8 == 0), f"{name}%16": float(p[name] % 16 == 0)})
         out = self.output_shape(p)
         f.update(macs=float(self.macs(p)), w_bytes=4.0 * self.weights(p), out_bytes=4.0 * math.prod(out),
                  in_bytes=4.0 * sum(math.prod(s) for s in self.input_shapes(p).values()),
@@ -280,15 +288,18 @@ class Kernel:
     def build_onnx(self, opset: int = 17, seed: int = 0) -> onnx.ModelProto:
         if opset < MIN_OPSET:
             raise ValueError(f"opset {opset} < {MIN_OPSET}")
+        whole = self.spec.build_model(dict(self.params), opset)
+        if whole is not None:
+            return whole
         g = _Graph(seed)
         out = self.spec.build(g, dict(self.params))
         if not g.nodes or g.nodes[-1].output[0] != out:
             raise RuntimeError(f"{self.kind}: builder must end with the node producing its output")
         g.nodes[-1].output[0] = "y"  # fixed output name for the profiler
         inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in self.input_shapes().items()]
-        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, self.output_shape())
+        outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, self.output_shape()) for o in g.nodes[-1].output]
         opsets = [helper.make_opsetid("", opset)]
-        model = helper.make_model(helper.make_graph(g.nodes, self.key, inputs, [output], g.inits),
+        model = helper.make_model(helper.make_graph(g.nodes, self.key, inputs, outputs, g.inits),
                                   opset_imports=opsets, producer_name="deploykit",
                                   ir_version=helper.find_min_ir_version_for(opsets))
         onnx.checker.check_model(model, full_check=True)
@@ -335,6 +346,12 @@ class _ConvBase(KindSpec):
         y = g.op("Conv", "x", g.weight(p["cout"], p["cin"] // p["g"], k, k), kernel_shape=[k, k],
                  strides=[s, s], pads=[pad] * 4, dilations=[d, d], group=p["g"])
         return g.act(g.bn(y, p["cout"]), p["act"])
+
+    def features(self, p: Params) -> dict[str, float]:
+        f = super().features(p)
+        cg, og = p["cin"] // p["g"], p["cout"] // p["g"]  # per-group widths decide the inner loop of grouped convs
+        f.update({"cin/g": float(cg), "cout/g": float(og), "cin/g%8": float(cg % 8 == 0), "cout/g%8": float(og % 8 == 0)})
+        return f
 
     def _d(self, rng: np.random.Generator, k: int, s: int) -> int:
         return 2 if k == 3 and s == 1 and rng.random() < 0.05 else 1  # dilated 3x3 (DeepLab-style heads)
@@ -605,3 +622,77 @@ class ResizeSpec(_MapSpec):
         ctm = {"nearest": "asymmetric", "linear": "pytorch_half_pixel"}[p["mode"]]
         return g.op("Resize", "x", "", g.const([1.0, 1.0, 2.0, 2.0]), mode=p["mode"],
                     coordinate_transformation_mode=ctm, nearest_mode="floor")
+
+
+@register_kind("split")
+class SplitSpec(_MapSpec):
+    """Channel split into n equal parts (ShuffleNetV2's channel split); the output shape is one part's."""
+    domains = {**_MapSpec.domains, "n": (2, 3, 4)}
+
+    def validate(self, p: Params) -> None:
+        if p["c"] % p["n"]:
+            raise ValueError(f"split: c={p['c']} must be divisible by n={p['n']}")
+
+    def repair(self, p: Params) -> Params:
+        return {**p, "c": max(p["n"], round(p["c"] / p["n"]) * p["n"])}
+
+    def output_shape(self, p: Params) -> list[int]:
+        return [1, p["c"] // p["n"], p["h"], p["w"]]
+
+    def macs(self, p: Params) -> int:
+        return p["c"] * p["h"] * p["w"]
+
+    def sample(self, rng: np.random.Generator, site: Site) -> Params | None:
+        p = {**super().sample(rng, site), "n": pick(rng, {2: .8, 3: .1, 4: .1})}
+        return p if p["c"] % p["n"] == 0 else None
+
+    def build(self, g: _Graph, p: Params) -> str:
+        return g.op("Split", "x", g.const([p["c"] // p["n"]] * p["n"], np.int64), axis=1, n_out=p["n"])
+
+
+@register_kind("act")
+class ActSpec(_MapSpec):
+    """A standalone element-wise op no conv absorbs: activation after a concat or add, pre-activation BatchNorm."""
+    domains = {**_MapSpec.domains, "op": ("relu", "relu6", "hardswish", "silu", "sigmoid", "bn")}
+
+    def sample(self, rng: np.random.Generator, site: Site) -> Params | None:
+        return {**super().sample(rng, site), "op": pick(rng, {"relu": .35, "bn": .25, "hardswish": .1, "relu6": .1,
+                                                               "silu": .1, "sigmoid": .1})}
+
+    def build(self, g: _Graph, p: Params) -> str:
+        return g.bn("x", p["c"]) if p["op"] == "bn" else g.act("x", p["op"])
+
+
+NET_GENERATIONS = (1,)  # versions of deploykit.netfamilies.random_network a table may refer to
+
+
+@register_kind("net")
+class NetSpec(KindSpec):
+    """A seeded random CNN measured end to end: calibrates how kernel latencies add up inside a network.
+
+    `gen` pins the generator version, so a table keeps meaning the same networks across upgrades.
+    """
+    domains = {"gen": NET_GENERATIONS, "seed": range(0, 2**31), "res": range(16, 1025)}
+    defaults = {"gen": NET_GENERATIONS[-1]}
+    sampled = False
+
+    def input_shapes(self, p: Params) -> dict[str, list[int]]:
+        return {"input": [1, 3, p["res"], p["res"]]}
+
+    def output_shape(self, p: Params) -> list[int]:
+        return [1, 1000]
+
+    def macs(self, p: Params) -> int:
+        return 0  # known only once built; calibration networks are not regressed on
+
+    def build_model(self, p: Params, opset: int) -> onnx.ModelProto:
+        import tempfile
+        from pathlib import Path
+
+        from deploykit.netfamilies import random_network
+        from deploykit.zoo import export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="deploykit-net-") as tmp:
+            path = export_onnx(random_network(p["seed"], p["res"]), (1, 3, p["res"], p["res"]), Path(tmp) / "net.onnx",
+                               opset=opset)
+            return onnx.load(str(path))

@@ -1,0 +1,157 @@
+"""Benchmark for the architecture-level latency MLP (arXiv 2001.06392). Prints a Markdown table and writes JSON.
+
+  accuracy     train on n_train measured architectures, >= 95% of n_test held-out ones within +-10%
+  small data   the same on the first 100 / 300 / 1000 training architectures
+  throughput   >= 100,000 predictions/s, batch 4096 on CPU (median of several rounds)
+  pretrained   with --kernel-predictor: pre-train on kernel-predictor labels, fine-tune on 50 / 100 measured
+
+Usage: python tools/bench_archmlp.py [--space mbv2] [--n-train 1000] [--n-test 200] [--data-dir tools/out/archmlp]
+       [--kernel-predictor PATH] [--pretrain-n 5000]
+Measurements are resumable: a rerun reuses the JSONL files in --data-dir. Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deploykit.archmlp import evaluate, fit_arch_mlp, measure_archs, pretrain_targets, read_measurements
+from deploykit.archspace import Arch, SpaceSpec, encode, encoding_size, get_space, groups
+
+TRAIN_SEED, TEST_SEED, PRETRAIN_SEED = 0, 1000, 2000
+CURVE = (100, 300, 1000)
+FINETUNE = (50, 100)
+BATCH = 4096
+
+
+def _count(path: Path) -> int:
+    return len(read_measurements(path)[1]) if path.exists() else 0
+
+
+def measured(spec: SpaceSpec, n: int, backend, path: Path, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Encodings and latencies of the first n architectures of a seed's plan, measuring those missing."""
+    before, t0 = _count(path), time.monotonic()
+    records = measure_archs(spec, n, backend, path, seed=seed)
+    now, seconds = _count(path) - before, time.monotonic() - t0
+    enc = np.stack([encode(spec, Arch.from_dict(r["arch"])) for r in records])
+    lat = np.array([r["latency_ms"] for r in records])
+    return enc, lat, {"file": str(path), "n": len(records), "measured_now": now,
+                      "s_per_arch": seconds / now if now else None, "latency_ms_range": [float(lat.min()), float(lat.max())]}
+
+
+def fit_and_score(spec: SpaceSpec, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, epochs: int, **kw) -> dict:
+    t0 = time.monotonic()
+    model = fit_arch_mlp(spec, x, y, epochs=epochs, seed=0, **kw)
+    return {"n_train": len(x), "fit_s": round(time.monotonic() - t0, 2), **evaluate(model, xt, yt), "model": model}
+
+
+def throughput(spec: SpaceSpec, model, threads: int, rounds: int = 15) -> dict:
+    """Predictions per second on a batch of random one-hot encodings, numpy in and out (inference only)."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((BATCH, encoding_size(spec)), np.float32)
+    for _, start, size in groups(spec):
+        x[np.arange(BATCH), start + rng.integers(size, size=BATCH)] = 1.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.predict_ms(x)  # warm-up
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            model.predict_ms(x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    median_s = float(np.median(times))
+    return {"batch": BATCH, "torch_threads": threads, "median_ms": median_s * 1000, "predictions_per_s": BATCH / median_s}
+
+
+def kernel_predictor(path: str | None):
+    """`kernels -> ms` from the kernel-level predictor (deploykit.predictor), or None when there is none to use."""
+    if not path:
+        return None
+    try:
+        from deploykit.predictor import KernelPredictor
+    except ImportError:
+        print(f"note: deploykit.predictor is not available: skipping the pre-trained rows for {path}")
+        return None
+    predictor = KernelPredictor.load(path)
+    return lambda kernels: predictor.predict_kernels(kernels)
+
+
+def pretrained_rows(spec: SpaceSpec, predict, n: int, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray,
+                    epochs: int) -> list[dict]:
+    t0 = time.monotonic()
+    xp, yp = pretrain_targets(spec, n, PRETRAIN_SEED, predict)
+    label_s = time.monotonic() - t0
+    pre = fit_and_score(spec, xp, yp, xt, yt, epochs)
+    rows = [{"setting": f"pre-trained on {n} kernel-predictor labels, no measurement", **pre, "label_s": round(label_s, 1)}]
+    for m in (m for m in FINETUNE if m <= len(x)):
+        tuned = fit_and_score(spec, x[:m], y[:m], xt, yt, epochs, init=pre["model"])
+        rows.append({"setting": f"pre-trained ({n}) + fine-tuned on {m} measured", **tuned})
+    return rows
+
+
+def markdown(rows: list[dict], tps: list[dict], meas: list[dict]) -> str:
+    lines = ["| setting | n train | within 5% | within 10% | MAPE | Kendall tau | fit s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['n_train']} | {r['within_5']:.1%} | {r['within_10']:.1%} | {r['mape']:.2%} | "
+                     f"{r['kendall_tau']:.3f} | {r['fit_s']:.1f} |")
+    lines.append("")
+    lines += [f"throughput: {tp['predictions_per_s']:,.0f} predictions/s (batch {tp['batch']}, {tp['median_ms']:.2f} ms, "
+              f"{tp['torch_threads']} torch thread(s))" for tp in tps]
+    for m in meas:
+        per = f"{m['s_per_arch']:.2f} s/arch" if m["s_per_arch"] else "already measured"
+        lines.append(f"data: {m['file']}: {m['n']} archs ({m['measured_now']} measured now, {per}), "
+                     f"{m['latency_ms_range'][0]:.2f}..{m['latency_ms_range'][1]:.2f} ms")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from deploykit.profilers import get_backend  # installed as deploykit.profilers from ./profilers
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", default="mbv2")
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--data-dir", default="tools/out/archmlp")
+    ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=400)
+    ap.add_argument("--kernel-predictor", help="kernel-level predictor file for the pre-trained rows")
+    ap.add_argument("--pretrain-n", type=int, default=5000)
+    args = ap.parse_args()
+
+    spec = get_space(args.space)
+    backend = get_backend(args.backend, threads=args.threads)
+    out = Path(args.data_dir)
+    x, y, m_train = measured(spec, args.n_train, backend, out / f"{spec.name}-train.jsonl", TRAIN_SEED)
+    xt, yt, m_test = measured(spec, args.n_test, backend, out / f"{spec.name}-test.jsonl", TEST_SEED)
+
+    full = fit_and_score(spec, x, y, xt, yt, args.epochs)
+    rows = [{"setting": f"measured only, all {len(x)}", **full}]
+    rows += [{"setting": f"measured only, first {m}", **fit_and_score(spec, x[:m], y[:m], xt, yt, args.epochs)}
+             for m in CURVE if m < len(x)]
+    predict = kernel_predictor(args.kernel_predictor)
+    if predict is not None:
+        rows += pretrained_rows(spec, predict, args.pretrain_n, x, y, xt, yt, args.epochs)
+    # one thread is the conservative figure (what a search gets beside other work); all cores for reference
+    tps = [throughput(spec, full["model"], 1), throughput(spec, full["model"], torch.get_num_threads())]
+
+    print(markdown(rows, tps, [m_train, m_test]))
+    targets = {"within_10_ge_95": full["within_10"] >= 0.95 and len(x) <= 1000,
+               "throughput_ge_100k_1_thread": tps[0]["predictions_per_s"] >= 1e5}
+    print("targets: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in targets.items()))
+    result = {"space": spec.to_dict(), "device": backend.fingerprint(), "n_test": len(xt), "measurements": [m_train, m_test],
+              "rows": [{k: v for k, v in r.items() if k != "model"} for r in rows], "throughput": tps, "targets": targets}
+    path = out / f"results-{spec.name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

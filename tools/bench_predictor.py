@@ -1,0 +1,65 @@
+"""Benchmark the kernel-level latency predictor on the held-out evaluation networks.
+
+    python tools/bench_predictor.py [--device epyc-2c-ort-t1] [--models tools/out/evalset] [--out tools/out/predictor]
+
+Exports the hand-written evaluation networks (`deploykit.netfamilies.eval_specs()`, never used in
+fitting) if they are not there yet, measures each on this machine with the table's backend and
+threads, predicts it, and prints a Markdown summary: the predictor against the plain sum of kernel
+predictions (no network calibration) and against latency proportional to MACs, plus the per-kind
+held-out errors of the chosen regressors. Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploykit.cli import _backend_for_table
+from deploykit.evaluate import evaluate_models, plot, summarise, write_json
+from deploykit.predictor import KernelPredictor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="epyc-2c-ort-t1")
+    ap.add_argument("--models", default=str(ROOT / "tools/out/evalset"))
+    ap.add_argument("--out", default=str(ROOT / "tools/out/predictor"))
+    args = ap.parse_args()
+    models, out = Path(args.models), Path(args.out)
+    if not any(models.glob("*.onnx")):
+        subprocess.run([sys.executable, str(ROOT / "tools/make_eval_set.py"), "--out", str(models)], check=True)
+    predictor = KernelPredictor.for_device(args.device)
+    backend = _backend_for_table(predictor.device)
+    t0 = time.time()
+    rows = evaluate_models(predictor, models, backend)
+    report = {"device": args.device, "seconds": time.time() - t0, **summarise(rows),
+              "selection": predictor.doc["selection"], "calibration": predictor.doc["overhead"]["calibration"]}
+    write_json(report, out / "bench_predictor.json")
+    plot(rows, out / "predicted_vs_measured.png", f"{args.device}: {len(rows)} held-out networks")
+
+    print(f"## Kernel predictor, {len(rows)} held-out networks, {args.device} ({backend.name}, {backend.threads} thread)\n")
+    print("| method | within 5% | within 10% | MAPE | RMSE ms | Kendall tau |\n|---|---|---|---|---|---|")
+    for name, key in (("deploykit predictor", "predictor"), ("plain kernel sum", "kernel_sum"), ("latency ∝ MACs", "macs_baseline")):
+        a = report[key]
+        print(f"| {name} | {a['within_5']:.1%} | {a['within_10']:.1%} | {a['mape']:.1%} | {a['rmse_ms']:.3f} | {a['kendall_tau']:.3f} |")
+    worst = sorted(rows, key=lambda r: -abs(r.rel_error))[:5]
+    print("\nworst: " + ", ".join(f"{r.model} {r.rel_error:+.1%}" for r in worst))
+    print("\n| kind | chosen | held-out MAPE of interp / forest / gbdt / mlp | entries |\n|---|---|---|---|")
+    for kind, sel in sorted(predictor.doc["selection"].items()):
+        h = sel["holdout"]
+        print(f"| {kind} | {sel['chosen']} | " + " / ".join(f"{h[m]['mape']:.1%}" for m in ("interp", "forest", "gbdt", "mlp") if m in h)
+              + f" | {sel['n']} |")
+    cal = report["calibration"]
+    if "leave_one_out" in cal:
+        print(f"\ncalibration: {cal['n']} networks, leave-one-out MAPE {cal['leave_one_out']['mape']:.1%} "
+              f"(plain sum {cal['plain_sum']['mape']:.1%})")
+    print(f"\n{time.time() - t0:.0f} s; report {out / 'bench_predictor.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
