@@ -224,7 +224,11 @@ def _net_design_row(pred_kinds: dict[str, KindRegressor], dec: Decomposition) ->
 
 
 def fit_overhead(rows: np.ndarray, measured_ms: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Least squares on relative error; leave-one-out figures tell how well it transfers."""
+    """Least squares on relative error, full or reduced (one scale + a constant), whichever transfers better.
+
+    Leave-one-out error on the calibration networks picks the form: a quick profile's dozen networks
+    cannot pin six terms, and the reduced form keeps it from over-fitting.
+    """
     if len(rows) < MIN_NETS:
         coef = np.zeros(len(OVERHEAD_TERMS))
         coef[0] = coef[1] = 1.0
@@ -234,11 +238,16 @@ def fit_overhead(rows: np.ndarray, measured_ms: np.ndarray) -> tuple[np.ndarray,
         w = 1.0 / y[:, None]
         return np.linalg.lstsq(a * w, y[:, None] * w, rcond=None)[0][:, 0]
 
-    coef = solve(rows, measured_ms)
-    loo = np.array([rows[i] @ solve(np.delete(rows, i, 0), np.delete(measured_ms, i)) for i in range(len(rows))])
+    forms = {"full": rows,  # reduced: the summed kernel latency (fused adds included) and a constant
+             "reduced": np.column_stack([rows[:, 0] + rows[:, 1], rows[:, -1]])}
+    loo = {name: np.array([a[i] @ solve(np.delete(a, i, 0), np.delete(measured_ms, i)) for i in range(len(a))])
+           for name, a in forms.items()}
+    form = min(loo, key=lambda f: errors(loo[f], measured_ms)["mape"])
+    c = solve(forms[form], measured_ms)
+    coef = c if form == "full" else np.array([c[0], c[0], 0.0, 0.0, 0.0, c[1]])
     plain = rows[:, 0] + rows[:, 1]
-    return coef, {"n": len(rows), "fit": errors(rows @ coef, measured_ms), "leave_one_out": errors(loo, measured_ms),
-                  "plain_sum": errors(plain, measured_ms)}
+    return coef, {"n": len(rows), "form": form, "fit": errors(rows @ coef, measured_ms),
+                  "leave_one_out": errors(loo[form], measured_ms), "plain_sum": errors(plain, measured_ms)}
 
 
 def fit_predictor(table: LatencyTable, *, seed: int = 0, progress: bool = True) -> KernelPredictor:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import RidgeCV
 from sklearn.neural_network import MLPRegressor
 
 Json = dict[str, Any]
@@ -126,7 +126,8 @@ class KindRegressor:
         mean, scale = raw.mean(0), raw.std(0)
         scale = np.where(scale > 1e-9, scale, 1.0)
         x, y = (raw - mean) / scale, np.log(latency_ms)
-        base = Ridge(alpha=1e-2).fit(x, y)
+        # the strength chosen by leave-one-out: a quick profile's dozen kernels of a kind must not extrapolate wildly
+        base = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x, y)
         resid = y - base.predict(x)
         return cls({"method": method, "features": names, "mean": _round(mean), "scale": _round(scale),
                     "base_coef": _round(base.coef_), "base_intercept": float(base.intercept_),
