@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import __version__, zoo
 from .archspace import Arch, SpaceSpec, arch_kernels, build_network, encode, encoding_size, groups, sample_arch
 from .errors import DeployKitError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_versioned_json
 from .fingerprint import mismatches
 from .kernels import Kernel
 from .onnx_io import InputSpec
@@ -447,17 +447,8 @@ def save_arch_mlp(model: ArchLatencyMLP, spec: SpaceSpec, path: str | os.PathLik
 def load_arch_mlp(path: str | os.PathLike) -> tuple[ArchLatencyMLP, SpaceSpec, dict]:
     """(model, spec, meta); meta carries the file's device fingerprint under "device"."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DeployKitError(f"architecture predictor not found: {path}: train one with `deploykit arch-predictor fit`") from None
-    except (OSError, ValueError) as e:
-        raise DeployKitError(f"cannot read architecture predictor {path} ({type(e).__name__}): train it again") from None
-    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
-        raise DeployKitError(f"{path} is not a deploykit architecture predictor: pass a file written by `deploykit arch-predictor fit`")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise DeployKitError(f"architecture predictor {path} has format_version {doc.get('format_version')!r}, this deploykit "
-                             f"reads {FORMAT_VERSION}: train it again with this version")
+    doc = read_versioned_json(path, MODEL_FORMAT, FORMAT_VERSION, "architecture predictor",
+                              "train it again with `deploykit arch-predictor fit`")
     try:
         model, spec = _model_from_doc(doc)
     except (KeyError, TypeError, ValueError, RuntimeError):

@@ -24,3 +24,24 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def read_versioned_json(path: str | os.PathLike, fmt: str, version: int, what: str, fix: str) -> dict:
+    """A JSON document whose "format" is fmt and "format_version" is version; every failure is one line naming `fix`."""
+    import json
+
+    from .errors import DeployKitError
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DeployKitError(f"{what} not found: {path}: {fix}") from None
+    except (OSError, ValueError) as e:
+        raise DeployKitError(f"cannot read {what} {path} ({type(e).__name__}): {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise DeployKitError(f"{path} is not a deploykit {what}: {fix}")
+    if doc.get("format_version") != version:
+        raise DeployKitError(f"{what} {path} has format_version {doc.get('format_version')!r}, this deploykit reads "
+                             f"{version}: {fix}")
+    return doc

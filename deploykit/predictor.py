@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .decompose import Decomposition, ModelKernel, decompose
 from .errors import DeployKitError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_versioned_json
 from .fingerprint import mismatches
 from .kernels import Kernel
 from .onnx_io import InputSpec
@@ -107,17 +107,8 @@ class KernelPredictor:
     @classmethod
     def load(cls, path: Path) -> "KernelPredictor":
         path = Path(path)
-        if not path.exists():
-            raise DeployKitError(f"no fitted predictor at {path}: run deploykit predictor fit --device <table>")
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DeployKitError(f"{path} is not a readable predictor ({type(e).__name__}): refit it with deploykit predictor fit") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise DeployKitError(f"{path} is not a deploykit predictor file: refit it with deploykit predictor fit")
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise DeployKitError(f"{path} has predictor format_version {doc.get('format_version')}, this deploykit reads "
-                                 f"{FORMAT_VERSION}: refit it with deploykit predictor fit --device {doc.get('table', '<table>')}")
+        doc = read_versioned_json(path, FORMAT, FORMAT_VERSION, "predictor",
+                                  "refit it with deploykit predictor fit --device <table>")
         return cls(doc, path)
 
     @classmethod
