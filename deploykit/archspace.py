@@ -23,18 +23,12 @@ from torch import nn
 
 from .errors import DeployKitError
 from .kernels import Kernel
-from .zoo import InvertedResidual, conv_bn_act
+from .zoo import InvertedResidual, conv_bn_act, make_divisible
 
 SKIP = "skip"
 FIXED_OP = "k3e1"  # the first stage's blocks: MobileNetV2's expand-1 3x3 inverted residual
 DW_KERNELS = (3, 5, 7)  # the kernel space's dwconv domain, so every block maps onto a profiled kernel
 MAX_SIDE = 1024  # the kernel space's largest feature map
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """MobileNet's channel rounding: nearest multiple of `divisor`, never more than 10% below `value`."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def parse_op(op: str) -> tuple[int, int]:

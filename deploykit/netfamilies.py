@@ -22,17 +22,12 @@ import torch
 from torch import nn
 
 from .errors import DeployKitError, InternalError
+from .zoo import make_divisible
 
 ACTS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU,
                                     "sigmoid": nn.Sigmoid}
 GATES: dict[str, type[nn.Module]] = {"hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid}
 MIN_RESOLUTION = 32  # total stride is at most 32: every feature map keeps at least one pixel
-
-
-def make_divisible(v: float, divisor: int = 8) -> int:
-    """Nearest multiple of `divisor` (at least `divisor`), never more than 10% below `v` (the MobileNet rule)."""
-    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return new + divisor if new < 0.9 * v else new
 
 
 # ----------------------------------------------------------------------------------------------------------------------

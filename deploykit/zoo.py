@@ -35,6 +35,12 @@ def build(name: str, num_classes: int = 1000, width: float = 1.0) -> nn.Module:
     return _ZOO[name](num_classes=num_classes, width=width).eval()
 
 
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """MobileNet's channel rounding: nearest multiple of `divisor`, never more than 10% below `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
 def _ch(c: float, divisor: int = 8) -> int:
     return max(divisor, int(c + divisor / 2) // divisor * divisor)
 
