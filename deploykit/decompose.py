@@ -540,24 +540,17 @@ def _apply_runtime_fusion(model: onnx.ModelProto, dec: Decomposition, threads: i
         path = os.path.join(tmp, "optimised.onnx")
         make_session(model, threads, optimized_path=path, level="all")
         opt = onnx.load(path, load_external_data=False)
-    execd = [(n.name, list(n.input), list(n.output)) for n in opt.graph.node]
-    sources = map_source_nodes(model, execd)
-    owner: dict[str, str] = {}
+    sources = map_source_nodes(model, [(n.name, list(n.input), list(n.output)) for n in opt.graph.node])
+    owner = {src: name for name, srcs in sources.items() for src in srcs}  # original node -> node that runs it
     op_of = {n.name: n.op_type for n in opt.graph.node}
-    for name, srcs in sources.items():
-        for s in srcs:
-            owner[s] = name
-    name_by_index = {n.name: n.name for n in model.graph.node}
     kept = []
     for k in dec.kernels:
-        runners = {owner.get(name_by_index.get(n, n)) for n in k.nodes} - {None}
+        runners = {owner.get(n) for n in k.nodes} - {None}
         if not runners:
             dec.folded_nodes.extend(k.nodes)  # the runtime folded this pattern away
             continue
         if k.kernel is not None and k.kernel.kind == "add":
-            own = runners
-            convs = [r for r in own if "Conv" in op_of.get(r, "")]
-            k.fused = bool(convs)
+            k.fused = any("Conv" in op_of.get(r, "") for r in runners)  # folded into the conv producing an operand
         kept.append(k)
     dec.kernels = kept
     dec.runtime_fusion = True

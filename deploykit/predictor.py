@@ -81,11 +81,32 @@ class Prediction:
                 "layers": [x.to_dict() for x in self.layers], "missing": self.missing, "runtime_fusion": self.runtime_fusion}
 
 
-def _kernel_terms(kernel: Kernel, fused: bool) -> np.ndarray:
-    """This kernel's columns of the overhead design matrix, except the predicted latency itself."""
-    io = sum(math.prod(s) for s in kernel.input_shapes().values()) + math.prod(kernel.output_shape())
-    w = kernel.spec.weights(dict(kernel.params))
-    return np.array([0.0, 0.0, 0.0 if fused else 1.0, 0.0 if fused else 4e-6 * io, 4e-6 * w, 0.0])
+def _design(kernels: list[Kernel], fused: list[bool], ms: np.ndarray) -> np.ndarray:
+    """Per kernel, its columns of the overhead model (OVERHEAD_TERMS; the constant column stays 0)."""
+    rows = np.zeros((len(kernels), len(OVERHEAD_TERMS)))
+    for row, k, f, v in zip(rows, kernels, fused, ms):
+        io = sum(math.prod(s) for s in k.input_shapes().values()) + math.prod(k.output_shape())
+        row[:5] = (0.0, v, 0.0, 0.0, 4e-6 * k.spec.weights(dict(k.params))) if f else \
+            (v, 0.0, 1.0, 4e-6 * io, 4e-6 * k.spec.weights(dict(k.params)))
+    return rows
+
+
+def _kernel_ms(kinds: dict[str, KindRegressor], kernels: list[Kernel], table: str) -> np.ndarray:
+    """Standalone latency of each kernel, batched per kind; a kind without a regressor is named."""
+    out = np.zeros(len(kernels))
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(kernels):
+        by_kind[k.kind].append(i)
+    for kind, idx in by_kind.items():
+        if kind not in kinds:
+            raise DeployKitError(_missing_kind_message(kind, table))
+        out[idx] = kinds[kind].predict_ms([kernels[i].features() for i in idx])
+    return out
+
+
+def _missing_kind_message(kind: str, table: str) -> str:
+    return (f"the device table {table} has no '{kind}' kernels: measure them with deploykit profile --resume --name "
+            f"{table} --kinds {kind} --kernels <total>, refit with deploykit predictor fit, or pass --allow-missing")
 
 
 class KernelPredictor:
@@ -136,31 +157,14 @@ class KernelPredictor:
     # ---------------------------------------------------------------- prediction
     def kernel_ms(self, kernels: list[Kernel]) -> np.ndarray:
         """Standalone latency of each kernel (as the table measures it)."""
-        out = np.zeros(len(kernels))
-        by_kind: dict[str, list[int]] = defaultdict(list)
-        for i, k in enumerate(kernels):
-            by_kind[k.kind].append(i)
-        for kind, idx in by_kind.items():
-            if kind not in self.kinds:
-                raise DeployKitError(self._missing_kind_message(kind))
-            out[idx] = self.kinds[kind].predict_ms([kernels[i].features() for i in idx])
-        return out
-
-    def _missing_kind_message(self, kind: str) -> str:
-        table = self.doc.get("table", "<table>")
-        return (f"the device table {table} has no '{kind}' kernels: measure them with deploykit profile --resume --name "
-                f"{table} --kinds {kind} --kernels <total>, refit with deploykit predictor fit, or pass --allow-missing")
+        return _kernel_ms(self.kinds, kernels, self.doc.get("table", "<table>"))
 
     def predict_kernels(self, kernels: list[Kernel], fused: list[bool] | None = None) -> float:
         """A network's latency from its kernel list (e.g. an architecture of a search space)."""
         return float(self._in_network(kernels, fused or [False] * len(kernels)).sum() + self.coef[-1])
 
     def _in_network(self, kernels: list[Kernel], fused: list[bool]) -> np.ndarray:
-        ms = self.kernel_ms(kernels)
-        rows = np.array([_kernel_terms(k, f) for k, f in zip(kernels, fused)]).reshape(len(kernels), len(OVERHEAD_TERMS))
-        rows[:, 0] = np.where(fused, 0.0, ms)
-        rows[:, 1] = np.where(fused, ms, 0.0)
-        return np.maximum(rows @ self.coef, 0.0)
+        return np.maximum(_design(kernels, fused, self.kernel_ms(kernels)) @ self.coef, 0.0)
 
     def predict_decomposition(self, dec: Decomposition, allow_missing: bool = False) -> Prediction:
         usable: list[ModelKernel] = []
@@ -176,7 +180,7 @@ class KernelPredictor:
             first = missing[0]
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             if first["reason"].startswith("no '"):
-                raise DeployKitError(self._missing_kind_message(first["reason"].split("'")[1]))
+                raise DeployKitError(_missing_kind_message(first["reason"].split("'")[1], self.doc.get("table", "<table>")))
             raise DeployKitError(f"unsupported op in node {first['name']}: {first['op_type']}, {first['reason']}{more}: "
                                  "pass --allow-missing to predict the rest and report it")
         kernels = [mk.kernel for mk in usable]
@@ -202,14 +206,8 @@ def _net_design_row(pred_kinds: dict[str, KindRegressor], dec: Decomposition) ->
     kernels = [mk for mk in dec.kernels if mk.kernel is not None and mk.kernel.kind in pred_kinds]
     if len(kernels) != len(dec.kernels) or not kernels:
         return None  # a calibration network the table cannot fully describe teaches nothing
-    tmp = KernelPredictor.__new__(KernelPredictor)
-    tmp.kinds = pred_kinds
-    ms = tmp.kernel_ms([mk.kernel for mk in kernels])
-    row = np.zeros(len(OVERHEAD_TERMS))
-    for mk, v in zip(kernels, ms):
-        terms = _kernel_terms(mk.kernel, mk.fused)
-        terms[1 if mk.fused else 0] = v
-        row += terms
+    ks, fused = [mk.kernel for mk in kernels], [mk.fused for mk in kernels]
+    row = _design(ks, fused, _kernel_ms(pred_kinds, ks, "<table>")).sum(axis=0)
     row[-1] = 1.0
     return row
 
