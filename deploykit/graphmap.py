@@ -37,6 +37,17 @@ def map_source_nodes(original: onnx.ModelProto, optimised_nodes: list[tuple[str,
     node_outputs = {n.name: [o for o in n.output if o] for n in g.node if n.name}
     cache: dict[str, str | None] = {}
 
+    def by_node_name(name: str) -> str | None:
+        """The output of the original node a renamed optimised node derives its name from: itself, or the
+        longest original node name followed by "/" ("/act/Mul/QuickGeluFusion/" stands for "/act/Mul")."""
+        if name in node_outputs:
+            return (node_outputs[name] or [None])[0]
+        best = None
+        for n in node_outputs:
+            if name.startswith(n + "/") and (best is None or len(n) > len(best)):
+                best = n
+        return (node_outputs[best] or [None])[0] if best else None
+
     def by_name(t: str) -> str | None:
         if t not in cache:
             cache[t] = _to_original(t, tensors) if t else None
@@ -53,7 +64,7 @@ def map_source_nodes(original: onnx.ModelProto, optimised_nodes: list[tuple[str,
         if any(mapped):
             anchor.update({o: m for o, m in zip(outputs, mapped) if m})
         elif len(outputs) == 1:
-            from_name = node_outputs.get(name, [None])[0] or by_name(name)
+            from_name = by_node_name(name) or by_name(name)
             if from_name:
                 anchor[outputs[0]] = from_name
                 named.append(outputs[0])

@@ -566,6 +566,8 @@ BLOCK_TYPES = ("inverted_residual", "basic", "bottleneck", "grouped_bottleneck",
 # Multiply-accumulates at 224x224, drawn log-uniformly per seed: about 1-80 ms on one ONNX Runtime CPU thread
 # (random mixtures ran at 25-35 ms per GMAC on one core of an AMD EPYC: 31 M -> 1.0 ms, 2.05 G -> 50 ms).
 RANDOM_MACS_224 = (30e6, 2.5e9)
+RANDOM_GENERATIONS = (1, 2)  # versions of the generator (a table's net entries name theirs)
+_UNALIGNED_OK = ("inverted_residual", "basic", "dense", "inception", "fire")  # stage types free of group constraints
 _MULT_RANGE = (0.125, 4.0)
 _MAX_ATTEMPTS = 8
 
@@ -576,10 +578,16 @@ def _pool(spec: str, s: int = 2) -> nn.Module:
     return (nn.MaxPool2d if spec.startswith("max") else nn.AvgPool2d)(k, s, (k - 1) // 2)
 
 
-def _draw_arch(seed: int, attempt: int, mult: float) -> dict[str, Any]:
+def _draw_arch(seed: int, attempt: int, mult: float, gen: int = 1) -> dict[str, Any]:
     """Every random choice of network (`seed`, `attempt`), channels scaled by `mult`. The draws never depend on
-    `mult`, so the same seed at another multiplier is the same network, only wider or narrower."""
+    `mult`, so the same seed at another multiplier is the same network, only wider or narrower.
+
+    Generation 1 rounds every width to a multiple of 8. Generation 2 rounds the widths of stem, head and
+    stages without grouped convolutions to a per-stage multiple of 8, 4 or 2: real networks have
+    unaligned widths (ShuffleNetV2 x1.0: 58, 116, 232), which the runtime's blocked layouts treat apart.
+    """
     rng = np.random.default_rng([seed, attempt])
+    quantum = 8
 
     def choice(options: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
         p = None if weights is None else np.asarray(weights, float) / sum(weights)
@@ -588,14 +596,19 @@ def _draw_arch(seed: int, attempt: int, mult: float) -> dict[str, Any]:
     def uniform(a: float, b: float) -> float:
         return float(rng.uniform(a, b))
 
-    def ch(base: float, q: int = 8) -> int:
+    def ch(base: float, q: int | None = None) -> int:
+        q = q or quantum
         return max(q, round(base * mult / q) * q)
+
+    def draw_quantum() -> int:
+        return choice((8, 4, 2), (2, 1, 1)) if gen >= 2 else 8
 
     def act() -> str:
         return choice(("relu", "relu6", "hardswish", "silu", "sigmoid"), (6, 2, 2, 2, 0.3))
 
     n_stages = int(rng.integers(3, 7))
     stem_b = math.exp(uniform(math.log(8), math.log(32)))
+    quantum = draw_quantum()
     stem = {"k": choice((3, 5, 7), (3, 1, 1)), "out": ch(stem_b), "act": act(),
             "extra": choice((None, "conv", "separable"), (2, 1, 1)),
             "pool": choice((None, "max3", "max2", "avg3", "avg2"), (4, 2, 1, 1, 1))}
@@ -609,6 +622,7 @@ def _draw_arch(seed: int, attempt: int, mult: float) -> dict[str, Any]:
         cout_b = out_b = min(1024.0, cin_b * (uniform(1.4, 2.5) if s == 2 else uniform(0.75, 1.5)))
         t = choice(BLOCK_TYPES)
         st: dict[str, Any] = {"type": t, "stride": s}
+        quantum = draw_quantum() if t in _UNALIGNED_OK else 8
         if t == "inverted_residual":
             st.update(depth=int(rng.integers(1, 5)), out=ch(cout_b), expand=choice((1, 2, 3, 4, 6), (1, 1, 2, 2, 3)),
                       k=choice((3, 5, 7), (3, 2, 1)), act=choice(("relu", "relu6", "hardswish", "silu")), se=None)
@@ -664,6 +678,7 @@ def _draw_arch(seed: int, attempt: int, mult: float) -> dict[str, Any]:
         stages.append(st)
         cin_b, cin = out_b, st["out"]
 
+    quantum = draw_quantum()
     last = ch(cin_b * choice((1.5, 2.0, 4.0, 6.0))) if rng.random() < 0.5 else 0
     hd = {"last_conv": min(last, ch(1280)), "last_act": act(), "kind": choice(("linear", "conv", "mlp"), (3, 1, 1)),
           "hidden": ch(choice((512, 1024, 1280))), "act": choice(("relu", "hardswish"))}
@@ -728,7 +743,9 @@ def _random_stage(st: dict[str, Any], cin: int) -> tuple[list[nn.Module], int]:
                 blocks.append(nn.Sequential(ConvBNAct(cin, cin, st["k"], si, groups=cin, act=st["act"]),
                                             ConvBNAct(cin, out, 1, act=st["act"])))
             else:
-                groups = min(st["groups"], cin // 2) if st["variant"] == "grouped" else 1
+                # the largest group count up to the drawn one that divides both widths (gen 2 widths may be unaligned)
+                groups = max(g for g in range(1, min(st["groups"], cin // 2) + 1) if cin % g == 0 and out % g == 0) \
+                    if st["variant"] == "grouped" else 1
                 blocks.append(ConvBNAct(cin, out, st["k"], si, groups, st["act"]))
             cin = out
     else:
@@ -797,31 +814,34 @@ def _check_random_args(seed: int, resolution: int) -> None:
         raise DeployKitError(f"resolution must be an integer >= {MIN_RESOLUTION}, got {resolution!r}")
 
 
-def random_network_arch(seed: int, resolution: int) -> dict[str, Any]:
+def random_network_arch(seed: int, resolution: int, gen: int = RANDOM_GENERATIONS[-1]) -> dict[str, Any]:
     """The JSON-able description of random network `seed`: stem, 3-6 stages (block type, stride, depth, channels,
-    kernel, activation, ...) and head. The architecture depends on the seed only: its width multiplier is fitted
-    so the network does a seed-drawn number of MACs at 224x224 (RANDOM_MACS_224); `resolution` is recorded,
-    with the MACs at it."""
+    kernel, activation, ...) and head. The architecture depends on the seed (and generator version `gen`) only:
+    its width multiplier is fitted so the network does a seed-drawn number of MACs at 224x224 (RANDOM_MACS_224);
+    `resolution` is recorded, with the MACs at it."""
     _check_random_args(seed, resolution)
+    if gen not in RANDOM_GENERATIONS:
+        raise DeployKitError(f"unknown random-network generation {gen!r}; valid: {', '.join(map(str, RANDOM_GENERATIONS))}")
     seed = int(seed)
     lo, hi = RANDOM_MACS_224
     target = math.exp(np.random.default_rng([seed, 1_000_003]).uniform(math.log(lo), math.log(hi)))
     for attempt in range(_MAX_ATTEMPTS):
         mult = 1.0
         for _ in range(3):  # channels round to multiples of 8 and the stem and head scale linearly: iterate
-            mult = float(np.clip(mult * math.sqrt(target / _arch_macs(_draw_arch(seed, attempt, mult), 224)), *_MULT_RANGE))
-        arch = _draw_arch(seed, attempt, round(mult, 4))
+            mult = float(np.clip(mult * math.sqrt(target / _arch_macs(_draw_arch(seed, attempt, mult, gen), 224)),
+                               *_MULT_RANGE))
+        arch = _draw_arch(seed, attempt, round(mult, 4), gen)
         macs_224 = _arch_macs(arch, 224)
         if 0.7 * lo <= macs_224 <= 1.3 * hi:
             break  # else a multiplier at its bound could not reach the budget: draw another architecture
-    arch.update(resolution=int(resolution), target_macs_224=int(target), macs_224=macs_224,
+    arch.update(gen=int(gen), resolution=int(resolution), target_macs_224=int(target), macs_224=macs_224,
                 macs=_arch_macs(arch, int(resolution)))
     return arch
 
 
-def random_network(seed: int, resolution: int, num_classes: int = 1000) -> nn.Module:
+def random_network(seed: int, resolution: int, num_classes: int = 1000, gen: int = RANDOM_GENERATIONS[-1]) -> nn.Module:
     """Random network `seed` (see `random_network_arch`), eval mode; same seed, same architecture and weights."""
-    return network_from_arch(random_network_arch(seed, resolution), num_classes)
+    return network_from_arch(random_network_arch(seed, resolution, gen), num_classes)
 
 
 def network_from_arch(arch: dict[str, Any], num_classes: int = 1000) -> nn.Module:

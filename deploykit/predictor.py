@@ -2,11 +2,18 @@
 
 `fit_predictor(table)` fits one regressor per kernel kind on the device table (the best of table
 interpolation, random forest, gradient-boosted trees and an MLP, chosen on held-out entries), then
-calibrates how standalone kernel latencies add up inside a network on the table's calibration
-networks (kind `net`): a kernel measured alone pays a session call and layout reorders of its own
-input and output that a network does not, while a network streams weights that a repeated kernel
-keeps in cache. Per kernel, in-network latency = a * predicted + c + d * MB moved + e * MB of weights
-(a residual add the runtime fused into its conv: b * predicted); the model adds a constant.
+learns what kernels cost inside a network from the table's calibration networks (kind `net`).
+
+A kernel measured alone pays a session call and layout reorders of its own input and output that a
+network does not (a depthwise conv costs about half as much inside a network as alone), while a
+network streams weights that a repeated kernel keeps in cache (a classifier's Linear costs more).
+Two steps, both fitted on the calibration networks:
+1. context models: per kind, gradient-boosted trees map a kernel's features and standalone latency to
+   its in-network latency, learned from the per-layer profiles the table stores for its calibration
+   networks (each layer the runtime ran, attributed to the kernel whose nodes it covers);
+2. network calibration: per kernel, in-network latency = a * context estimate + c + d * MB moved +
+   e * MB of weights (a residual add the runtime fused into its conv: b * standalone), plus a
+   constant, fitted on the networks' end-to-end latencies.
 The fitted predictor is one JSON file beside the table (`NAME.predictor.json`).
 """
 from __future__ import annotations
@@ -34,9 +41,11 @@ from .regressors import KindRegressor, errors, select
 from .table import LatencyTable, resolve_device
 
 FORMAT = "deploykit-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: context models
 OVERHEAD_TERMS = ("kernel", "fused", "count", "io_mb", "weight_mb", "const")
 MIN_NETS = 8  # fewer calibration networks: keep the plain sum (a = 1, the rest 0)
+CONTEXT_MIN_KERNELS = 40  # in-network instances a kind needs (from >= MIN_NETS profiled networks) for a context model
+CONTEXT_FOLDS = 5  # context estimates of calibration networks come from models fitted without them
 
 
 def predictor_path(table_path: Path) -> Path:
@@ -81,14 +90,30 @@ class Prediction:
                 "layers": [x.to_dict() for x in self.layers], "missing": self.missing, "runtime_fusion": self.runtime_fusion}
 
 
-def _design(kernels: list[Kernel], fused: list[bool], ms: np.ndarray) -> np.ndarray:
+def _design(kernels: list[Kernel], fused: list[bool], standalone: np.ndarray, context: np.ndarray) -> np.ndarray:
     """Per kernel, its columns of the overhead model (OVERHEAD_TERMS; the constant column stays 0)."""
     rows = np.zeros((len(kernels), len(OVERHEAD_TERMS)))
-    for row, k, f, v in zip(rows, kernels, fused, ms):
+    for row, k, f, alone, ctx in zip(rows, kernels, fused, standalone, context):
         io = sum(math.prod(s) for s in k.input_shapes().values()) + math.prod(k.output_shape())
-        row[:5] = (0.0, v, 0.0, 0.0, 4e-6 * k.spec.weights(dict(k.params))) if f else \
-            (v, 0.0, 1.0, 4e-6 * io, 4e-6 * k.spec.weights(dict(k.params)))
+        row[:5] = (0.0, alone, 0.0, 0.0, 4e-6 * k.spec.weights(dict(k.params))) if f else \
+            (ctx, 0.0, 1.0, 4e-6 * io, 4e-6 * k.spec.weights(dict(k.params)))
     return rows
+
+
+def _context_rows(kernels: list[Kernel], standalone: np.ndarray) -> list[dict[str, float]]:
+    return [{**k.features(), "standalone_us": 1000.0 * float(v)} for k, v in zip(kernels, standalone)]
+
+
+def _context_ms(context: dict[str, KindRegressor], kernels: list[Kernel], standalone: np.ndarray) -> np.ndarray:
+    """In-network latency of each kernel: its kind's context model, or the standalone latency for kinds without one."""
+    out = np.array(standalone, dtype=np.float64)
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(kernels):
+        if k.kind in context:
+            by_kind[k.kind].append(i)
+    for kind, idx in by_kind.items():
+        out[idx] = context[kind].predict_ms(_context_rows([kernels[i] for i in idx], out[idx]))
+    return out
 
 
 def _kernel_ms(kinds: dict[str, KindRegressor], kernels: list[Kernel], table: str) -> np.ndarray:
@@ -114,6 +139,7 @@ class KernelPredictor:
         self.doc = doc
         self.path = path
         self.kinds = {k: KindRegressor(v) for k, v in doc["kinds"].items()}
+        self.context = {k: KindRegressor(v) for k, v in doc.get("context", {}).items()}
         self.coef = np.array([doc["overhead"]["coef"][t] for t in OVERHEAD_TERMS])
 
     @property
@@ -164,7 +190,8 @@ class KernelPredictor:
         return float(self._in_network(kernels, fused or [False] * len(kernels)).sum() + self.coef[-1])
 
     def _in_network(self, kernels: list[Kernel], fused: list[bool]) -> np.ndarray:
-        return np.maximum(_design(kernels, fused, self.kernel_ms(kernels)) @ self.coef, 0.0)
+        standalone = self.kernel_ms(kernels)
+        return np.maximum(_design(kernels, fused, standalone, _context_ms(self.context, kernels, standalone)) @ self.coef, 0.0)
 
     def predict_decomposition(self, dec: Decomposition, allow_missing: bool = False) -> Prediction:
         usable: list[ModelKernel] = []
@@ -202,14 +229,96 @@ class KernelPredictor:
 
 
 # -------------------------------------------------------------------------------------------- fitting
-def _net_design_row(pred_kinds: dict[str, KindRegressor], dec: Decomposition) -> np.ndarray | None:
-    kernels = [mk for mk in dec.kernels if mk.kernel is not None and mk.kernel.kind in pred_kinds]
-    if len(kernels) != len(dec.kernels) or not kernels:
+CONTEXT_FLOOR_MS = 1e-4  # a kernel the runtime did away with inside a network (an in-place concat) costs ~0
+
+
+@dataclass
+class _CalNet:
+    """A calibration network as the predictor sees it: its kernels and, when profiled, what each cost in it."""
+    key: str
+    measured_ms: float
+    kernels: list[Kernel]
+    fused: list[bool]
+    standalone: np.ndarray
+    in_network_ms: np.ndarray | None  # per kernel; NaN where a runtime node spans several kernels (or fused)
+
+
+def _calibration_net(kinds: dict[str, KindRegressor], net: Kernel, measured_ms: float, layers: list | None,
+                     threads: int) -> _CalNet | None:
+    model = net.build_onnx()
+    inputs = [InputSpec(n, tuple(s), np.float32) for n, s in net.input_shapes().items()]
+    dec = decompose(model, inputs, threads=threads)
+    if not dec.kernels or any(mk.kernel is None or mk.kernel.kind not in kinds for mk in dec.kernels):
         return None  # a calibration network the table cannot fully describe teaches nothing
-    ks, fused = [mk.kernel for mk in kernels], [mk.fused for mk in kernels]
-    row = _design(ks, fused, _kernel_ms(pred_kinds, ks, "<table>")).sum(axis=0)
-    row[-1] = 1.0
-    return row
+    ks, fused = [mk.kernel for mk in dec.kernels], [mk.fused for mk in dec.kernels]
+    in_net = None
+    if layers:
+        index = {n.name: i for i, n in enumerate(model.graph.node)}
+        owner = {index[n]: i for i, mk in enumerate(dec.kernels) for n in mk.nodes if n in index}
+        in_net = np.zeros(len(ks))
+        shared = np.array(fused, dtype=bool)
+        for _, ms, nodes in layers:  # runtime nodes covering no kernel (layout reorders) stay with the calibration
+            ids = {owner[j] for j in nodes if j in owner}
+            if len(ids) == 1:
+                in_net[ids.pop()] += ms
+            else:
+                shared[list(ids)] = True
+        in_net[shared] = np.nan
+    return _CalNet(net.key, measured_ms, ks, fused, _kernel_ms(kinds, ks, "<table>"), in_net)
+
+
+def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegressor], dict, list[np.ndarray]]:
+    """Per kind, gradient-boosted trees from (features, standalone latency) to in-network latency.
+
+    Returns the models, a report (per kind: out-of-fold error against the in-network times, and the
+    error of taking the standalone latency instead) and each network's context estimates, out of fold:
+    a profiled network's kernels are estimated by models fitted on the other folds' networks.
+    """
+    profiled = [i for i, n in enumerate(nets) if n.in_network_ms is not None]
+    estimates = [n.standalone.copy() for n in nets]
+    if len(profiled) < MIN_NETS:
+        return {}, {"note": f"{len(profiled)} calibration networks with per-layer profiles (< {MIN_NETS}): no context models"}, \
+            estimates
+    rng = np.random.default_rng(seed)
+    fold = {i: f % CONTEXT_FOLDS for f, i in enumerate(rng.permutation(profiled))}
+    every: dict[str, list[tuple[int, int]]] = defaultdict(list)  # (net, kernel) of each kind
+    for i, n in enumerate(nets):
+        for j, k in enumerate(n.kernels):
+            if not n.fused[j]:
+                every[k.kind].append((i, j))
+    models: dict[str, KindRegressor] = {}
+    report: dict[str, Any] = {}
+    for kind, where in sorted(every.items()):
+        train = [(i, j) for i, j in where if i in fold and np.isfinite(nets[i].in_network_ms[j])]
+        if len(train) < CONTEXT_MIN_KERNELS or len({i for i, _ in train}) < MIN_NETS:
+            report[kind] = {"n": len(train), "note": "too few in-network instances: standalone latency used"}
+            continue
+        rows = _context_rows([nets[i].kernels[j] for i, j in train], np.array([nets[i].standalone[j] for i, j in train]))
+        y = np.maximum([nets[i].in_network_ms[j] for i, j in train], CONTEXT_FLOOR_MS)
+        oof = np.zeros(len(train))
+        for f in range(CONTEXT_FOLDS):
+            model = KindRegressor.fit("gbdt", [r for r, (i, _) in zip(rows, train) if fold[i] != f],
+                                      y[[fold[i] != f for i, _ in train]], seed)
+            here = [(i, j) for i, j in where if fold.get(i) == f]
+            if here:
+                pred = model.predict_ms(_context_rows([nets[i].kernels[j] for i, j in here],
+                                                      np.array([nets[i].standalone[j] for i, j in here])))
+                for (i, j), v in zip(here, pred):
+                    estimates[i][j] = v
+            mask = [fold[i] == f for i, _ in train]
+            oof[mask] = np.array([estimates[i][j] for (i, j), m in zip(train, mask) if m])
+        models[kind] = KindRegressor.fit("gbdt", rows, y, seed)
+        rest = [(i, j) for i, j in where if i not in fold]  # networks without a profile: the full model never saw them
+        if rest:
+            pred = models[kind].predict_ms(_context_rows([nets[i].kernels[j] for i, j in rest],
+                                                         np.array([nets[i].standalone[j] for i, j in rest])))
+            for (i, j), v in zip(rest, pred):
+                estimates[i][j] = v
+        alone = np.array([nets[i].standalone[j] for i, j in train])
+        report[kind] = {"n": len(train), "nets": len({i for i, _ in train}),
+                        "in_network_over_standalone": float(y.sum() / alone.sum()),
+                        "out_of_fold": errors(oof, y), "standalone": errors(alone, y)}
+    return models, report, estimates
 
 
 def fit_overhead(rows: np.ndarray, measured_ms: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -239,12 +348,23 @@ def fit_overhead(rows: np.ndarray, measured_ms: np.ndarray) -> tuple[np.ndarray,
                   "leave_one_out": errors(loo[form], measured_ms), "plain_sum": errors(plain, measured_ms)}
 
 
+def _net_rows(nets: list[_CalNet], context: list[np.ndarray]) -> np.ndarray:
+    rows = np.zeros((len(nets), len(OVERHEAD_TERMS)))
+    for row, n, ctx in zip(rows, nets, context):
+        row[:] = _design(n.kernels, n.fused, n.standalone, ctx).sum(axis=0)
+        row[-1] = 1.0
+    return rows
+
+
 def fit_predictor(table: LatencyTable, *, seed: int = 0, progress: bool = True) -> KernelPredictor:
     by_kind: dict[str, list[tuple[Kernel, float]]] = defaultdict(list)
-    nets: list[tuple[Kernel, float]] = []
+    net_entries = []
     for e in table.entries.values():
         k = Kernel.from_dict(e.kernel)
-        (nets if k.kind == "net" else by_kind[k.kind]).append((k, e.stats.median_ms))
+        if k.kind == "net":
+            net_entries.append((k, e))
+        else:
+            by_kind[k.kind].append((k, e.stats.median_ms))
     if not by_kind:
         raise DeployKitError(f"{table.path} holds no kernels: profile the device first with deploykit profile")
     kinds: dict[str, KindRegressor] = {}
@@ -257,23 +377,24 @@ def fit_predictor(table: LatencyTable, *, seed: int = 0, progress: bool = True) 
                                progress=lambda m, kind=kind: bar.set_postfix_str(f"{kind}: {m}"))
         kinds[kind] = model
         selection[kind] = report
-    rows, measured, used = [], [], []
     threads = int(table.device.get("threads") or 1)
-    for net, ms in tqdm(nets, desc="calibration networks", unit="net", disable=not progress or not nets, file=sys.stderr,
-                        dynamic_ncols=True):
-        model = net.build_onnx()
-        inputs = [InputSpec(n, tuple(s), np.float32) for n, s in net.input_shapes().items()]
-        row = _net_design_row(kinds, decompose(model, inputs, threads=threads))
-        if row is not None:
-            rows.append(row)
-            measured.append(ms)
-            used.append(net.key)
-    coef, calib = fit_overhead(np.array(rows).reshape(len(rows), len(OVERHEAD_TERMS)), np.array(measured))
+    nets = [n for n in (_calibration_net(kinds, k, e.stats.median_ms, e.layers, threads)
+                        for k, e in tqdm(net_entries, desc="calibration networks", unit="net", file=sys.stderr,
+                                         disable=not progress or not net_entries, dynamic_ncols=True)) if n is not None]
+    measured = np.array([n.measured_ms for n in nets])
+    context, context_report, estimates = fit_context(nets, seed) if nets else ({}, {}, [])
+    coef, calib = fit_overhead(_net_rows(nets, estimates), measured)
+    if context:  # keep the context models only if they transfer better (both errors are leave-one-out / out-of-fold)
+        plain_coef, plain_calib = fit_overhead(_net_rows(nets, [n.standalone for n in nets]), measured)
+        calib["without_context"] = plain_calib.get("leave_one_out")
+        if plain_calib["leave_one_out"]["mape"] < calib["leave_one_out"]["mape"]:
+            context, coef, calib = {}, plain_coef, {**plain_calib, "note": "context models did not help: left out"}
     from . import __version__
 
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "table": table.name, "table_digest": table_digest(table),
            "device": table.device, "deploykit_version": __version__, "selection": selection,
+           "context": {k: m.to_json() for k, m in context.items()}, "context_report": context_report,
            "overhead": {"terms": list(OVERHEAD_TERMS), "coef": dict(zip(OVERHEAD_TERMS, map(float, coef))),
-                        "calibration": {**calib, "nets": used}},
+                        "calibration": {**calib, "nets": [n.key for n in nets]}},
            "kinds": {k: m.to_json() for k, m in kinds.items()}}
     return KernelPredictor(doc)

@@ -131,11 +131,27 @@ def profile_device(backend, path: Path, name: str, *, kernels: int = DEFAULT_KER
 
 
 def _measure_into(table: LatencyTable, backend, kernel: Kernel, protocol: Protocol) -> bool:
-    """Measure one kernel and append it; False when the runtime rejected it (it stays out of the table)."""
+    """Measure one kernel and append it; False when the runtime rejected it (it stays out of the table).
+
+    A calibration network also gets its per-layer profile where the backend has one: what each kernel
+    costs inside a network, which the predictor learns from (`deploykit.predictor`)."""
+    model, inputs = kernel.build_onnx(), kernel_inputs(kernel)
     try:
-        m = backend.measure(kernel.build_onnx(), kernel_inputs(kernel), protocol)
+        m = backend.measure(model, inputs, protocol)
     except DeployKitError:
         return False
+    layers = _net_layers(backend, model, inputs, m) if kernel.kind == "net" else None
     table.append(TableEntry(key=kernel.key, kernel=kernel.to_dict(), stats=m.stats, spread=m.spread,
-                            noisy=m.noisy, measured_utc=utc_now()))
+                            noisy=m.noisy, measured_utc=utc_now(), layers=layers))
     return True
+
+
+def _net_layers(backend, model, inputs, end_to_end) -> list | None:
+    """[op_type, latency_ms, [original node indices]] per node the runtime ran; None without a per-layer profiler."""
+    try:
+        prof = backend.measure_layers(model, inputs, end_to_end=end_to_end)
+    except (DeployKitError, NotImplementedError):
+        return None
+    index = {n.name: i for i, n in enumerate(model.graph.node)}
+    return [[layer.op_type, round(layer.latency_ms, 5), [index[n] for n in layer.source_nodes if n in index]]
+            for layer in prof.layers]

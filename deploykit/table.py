@@ -36,16 +36,19 @@ class TableEntry:
     spread: float = 0.0
     noisy: bool = False
     measured_utc: str = ""
+    # calibration networks: [op_type, latency_ms, [indices of the original nodes it covers]] per node that ran
+    layers: list | None = None
 
     def to_json(self) -> dict:
-        return {"key": self.key, "kernel": self.kernel, **self.stats.to_dict(), "spread": round(self.spread, 5),
-                "noisy": self.noisy, "measured_utc": self.measured_utc}
+        d = {"key": self.key, "kernel": self.kernel, **self.stats.to_dict(), "spread": round(self.spread, 5),
+             "noisy": self.noisy, "measured_utc": self.measured_utc}
+        return {**d, "layers": self.layers} if self.layers is not None else d
 
     @classmethod
     def from_json(cls, d: dict) -> "TableEntry":
         return cls(key=str(d["key"]), kernel=dict(d["kernel"]), stats=LatencyStats.from_dict(d),
                    spread=float(d.get("spread", 0.0)), noisy=bool(d.get("noisy", False)),
-                   measured_utc=str(d.get("measured_utc", "")))
+                   measured_utc=str(d.get("measured_utc", "")), layers=d.get("layers"))
 
 
 def utc_now() -> str:

@@ -32,7 +32,7 @@ NUM_CLASSES = 10
 ALLOWED_OPS = {"Conv", "Relu", "Clip", "HardSwish", "Sigmoid", "HardSigmoid", "Mul", "Add", "Concat", "Reshape", "Transpose",
                "Split", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Gemm", "Constant"}
 # Seeds whose architectures together use every block type (and both shuffle variants, a 3-group shuffle).
-RANDOM_SEEDS = (1, 2, 3, 11)
+RANDOM_SEEDS = {1: (1, 2, 3, 11), 2: (0, 1, 8)}  # per generator version: seeds covering every block type
 
 
 def _x(res: int = RES) -> torch.Tensor:
@@ -108,14 +108,24 @@ def test_eval_specs():
     assert all(re.fullmatch(r"[a-z_0-9]+_w[0-9.]+_r[0-9]+", n) for n in names)
 
 
-def test_random_networks_cover_the_vocabulary(tmp_path):
-    types, ops = set(), Counter()
-    for seed in RANDOM_SEEDS:
-        arch = random_network_arch(seed, RES)
+@pytest.mark.parametrize("gen", sorted(RANDOM_SEEDS))
+def test_random_networks_cover_the_vocabulary(tmp_path, gen):
+    types, ops, widths = set(), Counter(), set()
+    for seed in RANDOM_SEEDS[gen]:
+        arch = random_network_arch(seed, RES, gen)
         types |= {s["type"] for s in arch["stages"]}
-        ops += _export_and_check(random_network(seed, RES, NUM_CLASSES), tmp_path / f"r{seed}.onnx")
+        widths |= {s["out"] for s in arch["stages"]}
+        ops += _export_and_check(random_network(seed, RES, NUM_CLASSES, gen), tmp_path / f"r{seed}.onnx")
     assert types == set(BLOCK_TYPES)
     assert {"Split", "Transpose", "Concat", "Add", "AveragePool", "MaxPool", "GlobalAveragePool"} <= set(ops)
+    # generation 1 keeps every stage width a multiple of 8; generation 2 also draws unaligned ones
+    assert all(w % 8 == 0 for w in widths) == (gen == 1)
+
+
+def test_generation_one_is_unchanged():
+    """Tables name their calibration networks by (gen, seed): a generation must keep meaning the same networks."""
+    arch = random_network_arch(5, RES, 1)
+    assert [s["out"] for s in arch["stages"]] == [152, 368, 344, 832, 1560] and arch["gen"] == 1
 
 
 def test_random_network_deterministic(tmp_path):

@@ -15,9 +15,9 @@ from torch import nn
 from deploykit import zoo
 from deploykit.decompose import decompose
 from deploykit.errors import DeployKitError
-from deploykit.kernels import Kernel
+from deploykit.kernels import Kernel, sample_kernels
 from deploykit.onnx_io import input_specs, load_onnx
-from deploykit.predictor import FORMAT_VERSION, KernelPredictor, fit_overhead, fit_predictor, predictor_path
+from deploykit.predictor import FORMAT_VERSION, KernelPredictor, _CalNet, fit_context, fit_overhead, fit_predictor, predictor_path
 from deploykit.regressors import METHODS, KindRegressor, _fit_residual, _predict_residual, select
 from deploykit.table import LatencyTable, TableEntry, resolve_device
 
@@ -158,6 +158,30 @@ def test_overhead_fit_recovers_a_known_composition():
     assert report["leave_one_out"]["within_5"] == 1.0
 
 
+def test_context_models_learn_in_network_cost():
+    """Known in-network costs (a depthwise conv at half its standalone latency, a conv at 1.2x) are learned
+    from per-kernel in-network times, and the estimates a network gets come from models fitted without it."""
+    rng = np.random.default_rng(0)
+    nets = []
+    for i in range(12):
+        ks = sample_kernels(16, rng, {"dwconv": 0.5, "conv": 0.5})
+        alone = np.array([1e-6 * k.spec.macs(dict(k.params)) + 0.01 for k in ks])
+        in_net = np.array([(0.5 if k.kind == "dwconv" else 1.2) * a for k, a in zip(ks, alone)])
+        in_net[0] = np.nan  # a runtime node spanning two kernels teaches nothing
+        nets.append(_CalNet(f"n{i}", float(in_net[1:].sum()), ks, [False] * len(ks), alone, in_net))
+    nets.append(_CalNet("unprofiled", 1.0, nets[0].kernels, nets[0].fused, nets[0].standalone, None))
+    models, report, estimates = fit_context(nets)
+    assert set(models) == {"conv", "dwconv"}
+    assert report["dwconv"]["in_network_over_standalone"] == pytest.approx(0.5, rel=1e-6)
+    assert report["dwconv"]["out_of_fold"]["mape"] < 0.1 and report["conv"]["out_of_fold"]["mape"] < 0.1
+    assert report["dwconv"]["standalone"]["mape"] == pytest.approx(1.0, rel=1e-6)  # alone it is twice the truth
+    for n, est in zip(nets, estimates):
+        ratio = est / n.standalone
+        assert np.allclose(ratio[[k.kind == "dwconv" for k in n.kernels]], 0.5, rtol=0.15)
+    few = fit_context(nets[:5])
+    assert few[0] == {} and "no context models" in few[1]["note"]
+
+
 # ------------------------------------------------------------------------------------ predictor
 @pytest.fixture(scope="module")
 def small_table(tmp_path_factory) -> Path:
@@ -168,10 +192,13 @@ def small_table(tmp_path_factory) -> Path:
     per_kind: Counter = Counter()
     for e in src.entries.values():
         kind = e.kernel["kind"]
+        if kind == "net" and not e.layers:
+            continue  # the networks with per-layer profiles teach the context models too
         if per_kind[kind] < (12 if kind == "net" else 40):
             per_kind[kind] += 1
             table.append(TableEntry(key=e.key, kernel=e.kernel, stats=e.stats, spread=e.spread, noisy=e.noisy,
-                                    measured_utc=e.measured_utc))
+                                    measured_utc=e.measured_utc, layers=e.layers))
+    assert per_kind["net"] == 12
     return path
 
 
@@ -187,6 +214,10 @@ def test_fit_chooses_per_kind_and_calibrates(fitted, small_table):
     assert all(v["chosen"] in METHODS for v in doc["selection"].values())
     calib = doc["overhead"]["calibration"]
     assert calib["n"] >= 8 and "leave_one_out" in calib
+    conv = doc["context_report"]["conv"]  # 12 profiled networks hold far more than 40 convolutions
+    assert conv["n"] >= 40 and conv["nets"] == 12 and 0 < conv["out_of_fold"]["mape"] < 1
+    assert "without_context" in calib  # kept or left out, the choice was made on leave-one-out errors
+    assert ("conv" in doc["context"]) == ("note" not in calib)
     assert KernelPredictor.load(predictor_path(small_table)).doc == fitted.doc
 
 

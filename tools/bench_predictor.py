@@ -53,10 +53,19 @@ def main() -> int:
         h = sel["holdout"]
         print(f"| {kind} | {sel['chosen']} | " + " / ".join(f"{h[m]['mape']:.1%}" for m in ("interp", "forest", "gbdt", "mlp") if m in h)
               + f" | {sel['n']} |")
+    ctx = predictor.doc.get("context_report", {})
+    if any("out_of_fold" in v for v in ctx.values()):
+        print("\n| kind | in-network / standalone | in-network MAPE: context model (out of fold) / standalone | instances |")
+        print("|---|---|---|---|")
+        for kind, v in sorted(ctx.items()):
+            if "out_of_fold" in v:
+                oof, alone = v["out_of_fold"]["mape"], v["standalone"]["mape"]
+                print(f"| {kind} | {v['in_network_over_standalone']:.2f} | {oof:.1%} / {alone:.1%} | {v['n']} |")
     cal = report["calibration"]
     if "leave_one_out" in cal:
+        without = f"; without the context models {cal['without_context']['mape']:.1%}" if cal.get("without_context") else ""
         print(f"\ncalibration: {cal['n']} networks, leave-one-out MAPE {cal['leave_one_out']['mape']:.1%} "
-              f"(plain sum {cal['plain_sum']['mape']:.1%})")
+              f"(plain sum {cal['plain_sum']['mape']:.1%}{without})")
     print(f"\n{time.time() - t0:.0f} s; report {out / 'bench_predictor.json'}")
     return 0
 

@@ -663,7 +663,7 @@ class ActSpec(_MapSpec):
         return g.bn("x", p["c"]) if p["op"] == "bn" else g.act("x", p["op"])
 
 
-NET_GENERATIONS = (1,)  # versions of deploykit.netfamilies.random_network a table may refer to
+NET_GENERATIONS = (1, 2)  # versions of deploykit.netfamilies.random_network a table may refer to
 
 
 @register_kind("net")
@@ -693,6 +693,6 @@ class NetSpec(KindSpec):
         from deploykit.zoo import export_onnx
 
         with tempfile.TemporaryDirectory(prefix="deploykit-net-") as tmp:
-            path = export_onnx(random_network(p["seed"], p["res"]), (1, 3, p["res"], p["res"]), Path(tmp) / "net.onnx",
+            path = export_onnx(random_network(p["seed"], p["res"], gen=p["gen"]), (1, 3, p["res"], p["res"]), Path(tmp) / "net.onnx",
                                opset=opset)
             return onnx.load(str(path))
