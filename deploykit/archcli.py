@@ -85,10 +85,11 @@ def _fit(args) -> int:
         from .predictor import KernelPredictor
 
         kp = KernelPredictor.for_device(args.pretrain_device)
-        p_enc, p_lat = pretrain_targets(spec, args.pretrain_n, args.seed + 1, kp.predict_kernels)
+        p_enc, p_lat = pretrain_targets(spec, args.pretrain_n, args.seed + 1, predict_networks=kp.predict_networks)
         init = fit_arch_mlp(spec, p_enc, p_lat, epochs=args.epochs, seed=args.seed)
     model = fit_arch_mlp(spec, enc[train], lat[train], epochs=args.epochs, seed=args.seed, init=init)
     meta = {"data": [str(d) for d in args.data], "n_train": len(train), "epochs": args.epochs, "seed": args.seed,
+            "correction": getattr(model, "correction", None),
             "pretrained_on": args.pretrain_device and {"device": args.pretrain_device, "n": args.pretrain_n},
             "fit_s": round(time.monotonic() - t0, 2), "train": evaluate(model, enc[train], lat[train])}
     if len(test):

@@ -99,7 +99,7 @@ class ArchLatencyMLP(nn.Module):
             self.linear.weight += w.unsqueeze(0)
             self.linear.bias += r_mean - z_mean @ w
 
-    def calibrate(self, encodings: torch.Tensor, log_latency: torch.Tensor) -> None:
+    def calibrate(self, encodings: torch.Tensor, log_latency: torch.Tensor, slope: bool = True) -> None:
         """Refit log latency as an affine function of the predicted log latency, folded into out_mean/out_std.
 
         A kernel-level predictor's labels are often right in ranking but off by a scale on the real
@@ -108,11 +108,11 @@ class ArchLatencyMLP(nn.Module):
         with torch.no_grad():
             pred = self.normalised_log(encodings) * self.out_std + self.out_mean
             a = torch.stack([pred, torch.ones_like(pred)], 1)
-            slope, offset = torch.linalg.lstsq(a, log_latency.unsqueeze(1)).solution.squeeze(1)
-            if len(pred) < MIN_SLOPE_POINTS or not slope > 0:  # a slope from so few points would extrapolate wildly
-                slope, offset = torch.ones(()), (log_latency - pred).mean()
-            self.out_mean.copy_(slope * self.out_mean + offset)
-            self.out_std.copy_(slope * self.out_std)
+            fitted, offset = torch.linalg.lstsq(a, log_latency.unsqueeze(1)).solution.squeeze(1)
+            if not slope or len(pred) < MIN_SLOPE_POINTS or not fitted > 0:  # a slope from few points extrapolates wildly
+                fitted, offset = torch.ones(()), (log_latency - pred).mean()
+            self.out_mean.copy_(fitted * self.out_mean + offset)
+            self.out_std.copy_(fitted * self.out_std)
 
     def normalised_log(self, x: torch.Tensor) -> torch.Tensor:
         """The network's raw output: (log latency - out_mean) / out_std, the quantity training fits."""
@@ -169,11 +169,12 @@ def fit_arch_mlp(spec: SpaceSpec, encodings: np.ndarray, latencies_ms: np.ndarra
                  patience: int = 60) -> ArchLatencyMLP:
     """AdamW on MSE of normalised log latency (a relative-error loss), early-stopped on a validation split.
 
-    With `init` a pretrained model (e.g. on kernel-predictor labels) is corrected instead: an affine
-    recalibration in log space, a ridge correction of its linear path whose strength the validation
-    split picks, then gentle gradient steps without weight decay (which would pull the pretrained
-    weights towards zero). Training never leaves a model worse on validation than where it started.
-    Deterministic given `seed`.
+    With `init` a pretrained model (e.g. on kernel-predictor labels) is corrected instead, as much as
+    the measurements support: cross-validation on them picks one of CORRECTIONS, from none (a good
+    pretrained model is easily made worse by a few noisy measurements) through a log-space offset or
+    affine recalibration to the full correction (affine, a ridge correction of the linear path whose
+    strength the validation split picks, then gentle gradient steps without weight decay, which would
+    pull the pretrained weights towards zero). Deterministic given `seed`.
     """
     x = torch.as_tensor(np.asarray(encodings, dtype=np.float32))
     y_ms = np.asarray(latencies_ms, dtype=np.float64)
@@ -197,14 +198,53 @@ def fit_arch_mlp(spec: SpaceSpec, encodings: np.ndarray, latencies_ms: np.ndarra
             model.start_silent()
             model.add_ridge(x[tr], (log_y[tr] - model.out_mean) / model.out_std, alpha=1.0)
         else:
-            model = ArchLatencyMLP(init.in_dim, init.hidden)
-            model.load_state_dict(init.state_dict())
-            model.calibrate(x[tr], log_y[tr])
-            _ridge_correction(model, x, log_y, tr, va)
-        lr = lr if lr is not None else (1e-3 if init is None else 3e-4)
-        weight_decay = weight_decay if weight_decay is not None else (0.1 if init is None else 0.0)
+            train = (epochs, lr if lr is not None else 3e-4, weight_decay or 0.0, batch_size, patience)
+            correction = _choose_correction(init, x, log_y, seed, train)
+            model = _corrected(init, x, log_y, correction, seed, train)
+            model.correction = correction
+            return model.eval()
+        lr = lr if lr is not None else 1e-3
+        weight_decay = weight_decay if weight_decay is not None else 0.1
         _train(model, x, (log_y - model.out_mean) / model.out_std, tr, va, epochs, lr, weight_decay, batch_size, patience, rng)
     return model.eval()
+
+
+CORRECTIONS = ("none", "offset", "affine", "full")
+CORRECTION_FOLDS = 5
+
+
+def _corrected(init: ArchLatencyMLP, x: torch.Tensor, log_y: torch.Tensor, correction: str, seed: int,
+               train: tuple) -> ArchLatencyMLP:
+    """A copy of the pretrained model with one correction fitted on (x, log_y)."""
+    model = ArchLatencyMLP(init.in_dim, init.hidden)
+    model.load_state_dict(init.state_dict())
+    if correction == "none":
+        return model
+    model.calibrate(x, log_y, slope=correction != "offset")
+    if correction == "full":
+        rng = np.random.default_rng(seed)
+        tr, va = _split(len(x), rng)
+        _ridge_correction(model, x, log_y, tr, va)
+        epochs, lr, weight_decay, batch_size, patience = train
+        _train(model, x, (log_y - model.out_mean) / model.out_std, tr, va, epochs, lr, weight_decay, batch_size, patience, rng)
+    return model
+
+
+def _choose_correction(init: ArchLatencyMLP, x: torch.Tensor, log_y: torch.Tensor, seed: int, train: tuple) -> str:
+    """The correction with the lowest cross-validated squared log error; an offset with too few points to tell."""
+    if len(x) < 2 * CORRECTION_FOLDS:
+        return "offset"
+    fold = np.random.default_rng(seed).permutation(len(x)) % CORRECTION_FOLDS
+    scores = {}
+    for correction in CORRECTIONS:
+        se = 0.0
+        for f in range(CORRECTION_FOLDS):
+            tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            model = _corrected(init, x[tr], log_y[tr], correction, seed, train)
+            with torch.no_grad():
+                se += float((model.normalised_log(x[te]) * model.out_std + model.out_mean - log_y[te]).pow(2).sum())
+        scores[correction] = se
+    return min(CORRECTIONS, key=lambda c: scores[c])  # ties go to the simpler correction
 
 
 FINETUNE_ALPHAS = (1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried on the pretrained model's residuals
@@ -304,13 +344,19 @@ def plan_archs(spec: SpaceSpec, n: int, seed: int) -> list[Arch]:
 
 
 def pretrain_targets(spec: SpaceSpec, n: int, seed: int,
-                     predict_kernels: Callable[[list[Kernel]], float | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                     predict_kernels: Callable[[list[Kernel]], float | np.ndarray] | None = None, *,
+                     predict_networks: Callable[[list[list[Kernel]]], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Encodings and latencies of n architectures labelled by a kernel-level predictor.
 
-    `predict_kernels(kernels)` returns the network's ms, or one ms per kernel (summed here).
+    `predict_kernels(kernels)` returns the network's ms, or one ms per kernel (summed here);
+    `predict_networks(list of kernel lists)` labels them all in one batch (`KernelPredictor.predict_networks`).
     """
+    if (predict_kernels is None) == (predict_networks is None):
+        raise ValueError("pass one of predict_kernels and predict_networks")
     archs = plan_archs(spec, n, seed)
     enc = np.stack([encode(spec, a) for a in archs])
+    if predict_networks is not None:
+        return enc, np.asarray(predict_networks([arch_kernels(spec, a) for a in archs]), dtype=np.float64)
     lat = np.array([float(np.sum(predict_kernels(arch_kernels(spec, a)))) for a in archs], dtype=np.float64)
     return enc, lat
 

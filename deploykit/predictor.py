@@ -189,6 +189,13 @@ class KernelPredictor:
         """A network's latency from its kernel list (e.g. an architecture of a search space)."""
         return float(self._in_network(kernels, fused or [False] * len(kernels)).sum() + self.coef[-1])
 
+    def predict_networks(self, networks: list[list[Kernel]]) -> np.ndarray:
+        """Latency of many networks from their kernel lists, batched per kind (pre-training labels for a search space)."""
+        flat = [k for ks in networks for k in ks]
+        per_kernel = self._in_network(flat, [False] * len(flat)) if flat else np.zeros(0)
+        ends = np.cumsum([len(ks) for ks in networks])
+        return np.array([part.sum() for part in np.split(per_kernel, ends[:-1])]) + self.coef[-1]
+
     def _in_network(self, kernels: list[Kernel], fused: list[bool]) -> np.ndarray:
         standalone = self.kernel_ms(kernels)
         return np.maximum(_design(kernels, fused, standalone, _context_ms(self.context, kernels, standalone)) @ self.coef, 0.0)

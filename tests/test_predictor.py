@@ -230,6 +230,14 @@ def test_prediction_sums_its_layers_and_tracks_size(fitted, zoo_onnx, tmp_path):
     assert fitted.predict_onnx(big, input_specs(big)).latency_ms > 1.8 * pred.latency_ms  # 2.8x the pixels
 
 
+def test_batched_network_prediction_matches_one_by_one(fitted):
+    from deploykit.archspace import MBV2_SPACE, arch_kernels, sample_arch
+
+    rng = np.random.default_rng(0)
+    nets = [arch_kernels(MBV2_SPACE, sample_arch(MBV2_SPACE, rng)) for _ in range(5)]
+    np.testing.assert_allclose(fitted.predict_networks(nets), [fitted.predict_kernels(ks) for ks in nets], rtol=1e-12)
+
+
 def test_predictor_refuses_other_device_and_version(fitted, small_table, tmp_path):
     doc = json.loads(json.dumps(fitted.doc))
     doc["device"]["cpu_model"] = "Some Other CPU"
