@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     q.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("fit", help="train the MLP on measured architectures and report held-out accuracy")
-    q.add_argument("--data", action="append", required=True, help="JSONL from `measure` (repeat for more files)")
+    q.add_argument("--data", action="append", help="JSONL from `measure` (repeat for more files); without it, "
+                   "--pretrain-device and --space give a model from kernel-predictor labels alone")
+    q.add_argument("--space", help="search space (built-in name or JSON spec) when no --data is given")
     q.add_argument("--out", required=True, help="model file (JSON)")
     q.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     q.add_argument("--holdout", type=int, default=200, help="architectures held out for evaluation (default 200)")
@@ -71,6 +73,8 @@ def _fit(args) -> int:
     from .archmlp import evaluate, fit_arch_mlp, load_measurements, save_arch_mlp
     from .archspace import encode
 
+    if not args.data:
+        return _fit_pretrained_only(args)
     spec, device, archs, lat = load_measurements(args.data)
     if args.holdout < 0 or len(archs) - args.holdout < 10:
         raise DeployKitError(f"{len(archs)} architectures leave fewer than 10 to train on with --holdout {args.holdout}: "
@@ -98,6 +102,28 @@ def _fit(args) -> int:
     print(f"{args.out}: trained on {len(train)} architectures of space {spec.name!r} in {meta['fit_s']:.1f} s")
     if len(test):
         print("held out: " + _summary(meta["holdout"]))
+    return 0
+
+
+def _fit_pretrained_only(args) -> int:
+    """No measurement: the MLP learns the kernel predictor's labels of --pretrain-n sampled architectures."""
+    from .archmlp import fit_arch_mlp, pretrain_targets, save_arch_mlp
+    from .archspace import get_space
+    from .predictor import KernelPredictor
+
+    if not (args.pretrain_device and args.space):
+        raise DeployKitError("give --data (measured architectures), or --pretrain-device and --space to train on "
+                             "kernel-predictor labels alone")
+    spec = get_space(args.space)
+    kp = KernelPredictor.for_device(args.pretrain_device)
+    t0 = time.monotonic()
+    enc, lat = pretrain_targets(spec, args.pretrain_n, args.seed + 1, predict_networks=kp.predict_networks)
+    model = fit_arch_mlp(spec, enc, lat, epochs=args.epochs, seed=args.seed)
+    meta = {"data": [], "n_train": 0, "epochs": args.epochs, "seed": args.seed, "correction": None,
+            "pretrained_on": {"device": args.pretrain_device, "n": args.pretrain_n}, "fit_s": round(time.monotonic() - t0, 2)}
+    save_arch_mlp(model, spec, args.out, meta, device=kp.device)
+    print(f"{args.out}: trained on {args.pretrain_n} architectures of space {spec.name!r} labelled by the kernel predictor of "
+          f"{args.pretrain_device} (no measurement) in {meta['fit_s']:.1f} s")
     return 0
 
 

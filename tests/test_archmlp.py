@@ -336,3 +336,19 @@ def test_cli_fit_evaluate_predict(tmp_path, fake_measure, capsys):
         cli("arch-predictor", "fit", "--data", str(test), "--out", str(model), "--holdout", "55")
     _, _, archs, lat = load_measurements([train, test])
     assert len(archs) == len(lat) <= 300
+
+
+def test_cli_fit_from_kernel_predictor_labels_alone(tmp_path, capsys):
+    from deploykit.predictor import KernelPredictor
+
+    model = tmp_path / "pre.json"
+    assert cli("arch-predictor", "fit", "--space", "digits", "--pretrain-device", "epyc-2c-ort-t1", "--pretrain-n", "1000",
+               "--epochs", "100", "--out", str(model)) == 0
+    assert "no measurement" in capsys.readouterr().out
+    mlp, spec, meta = load_arch_mlp(model)
+    assert spec == DIGITS_SPACE and meta["n_train"] == 0 and meta["pretrained_on"]["n"] == 1000
+    x, y = pretrain_targets(DIGITS_SPACE, 100, seed=9,
+                            predict_networks=KernelPredictor.for_device("epyc-2c-ort-t1").predict_networks)
+    assert evaluate(mlp, x, y)["within_10"] >= 0.9  # it learned the kernel predictor's labels of unseen architectures
+    with pytest.raises(DeployKitError, match="--pretrain-device and --space"):
+        cli("arch-predictor", "fit", "--space", "digits", "--out", str(model))
