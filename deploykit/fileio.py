@@ -39,6 +39,13 @@ def read_versioned_json(path: str | os.PathLike, fmt: str, version: int, what: s
         raise DeployKitError(f"{what} not found: {path}: {fix}") from None
     except (OSError, ValueError) as e:
         raise DeployKitError(f"cannot read {what} {path} ({type(e).__name__}): {fix}") from None
+    return check_format(doc, path, fmt, version, what, fix)
+
+
+def check_format(doc: object, path: str | os.PathLike, fmt: str, version: int, what: str, fix: str) -> dict:
+    """doc, if it is a dict whose "format" is fmt and "format_version" is version; else one line naming `fix`."""
+    from .errors import DeployKitError
+
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise DeployKitError(f"{path} is not a deploykit {what}: {fix}")
     if doc.get("format_version") != version:

@@ -56,7 +56,7 @@ from .archspace import (
 )
 from .data import DataSplit
 from .errors import DeployKitError, InternalError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_format
 from .zoo import make_divisible
 
 WIDTH_MODES = ("bilateral", "left")
@@ -474,12 +474,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise DeployKitError(f"supernet checkpoint not found: {path}: train with checkpoint={str(path)!r} to write it") from None
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damaged, truncated, empty, foreign
         raise DeployKitError(f"cannot read supernet checkpoint {path} ({type(e).__name__}): {fix}") from None
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise DeployKitError(f"{path} is not a deploykit supernet checkpoint: {fix}")
-    if doc.get("format_version") != CHECKPOINT_VERSION:
-        raise DeployKitError(f"supernet checkpoint {path} has format_version {doc.get('format_version')!r}, this deploykit "
-                             f"reads {CHECKPOINT_VERSION}: {fix}")
-    return doc
+    return check_format(doc, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "supernet checkpoint", fix)
 
 
 def _resume(path: Path, supernet: Supernet, opt: torch.optim.Optimizer, seed: int, batch_size: int) -> dict:

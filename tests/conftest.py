@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from deploykit import zoo
+from deploykit.data import DataSplit, load_dataset
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +31,18 @@ def one_error_line(proc) -> str:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Training-heavy tests: the machine's cores are shared with timing jobs, and one thread avoids waiting on a busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits() -> DataSplit:
+    """The built-in digits at 32x32, split with seed 0."""
+    return load_dataset("digits", 32)

@@ -10,18 +10,7 @@ from deploykit.data import DataSplit, load_dataset, stratified_split
 from deploykit.errors import DeployKitError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared with timing jobs: one thread avoids waiting on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplit:
-    return load_dataset("digits", 32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_images(seed: int = 0, n_per_class: int = 6, labels=(3, 7, 9), side: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deploykit.archspace import DIGITS_SPACE, SPACES, Arch, SpaceSpec, build_network, sample_arch, stage_channels
-from deploykit.data import DataSplit, load_dataset
+from deploykit.data import DataSplit
 from deploykit.errors import DeployKitError
 from deploykit.supernet import (
     Supernet,
@@ -26,18 +26,7 @@ from deploykit.supernet import (
 SPEC = DIGITS_SPACE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared with timing jobs: one thread avoids waiting on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplit:
-    return load_dataset("digits", 32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def subset(d: DataSplit, n_train: int, n_val: int | None = None) -> DataSplit:
