@@ -191,6 +191,8 @@ class KernelPredictor:
 
     def predict_networks(self, networks: list[list[Kernel]]) -> np.ndarray:
         """Latency of many networks from their kernel lists, batched per kind (pre-training labels for a search space)."""
+        if not networks:
+            return np.zeros(0)
         flat = [k for ks in networks for k in ks]
         per_kernel = self._in_network(flat, [False] * len(flat)) if flat else np.zeros(0)
         ends = np.cumsum([len(ks) for ks in networks])

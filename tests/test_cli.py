@@ -81,6 +81,10 @@ def test_profile_kill9_then_resume(tmp_path):
     after = LatencyTable.load(table)
     nets = [k for k in after.entries if k.startswith("net:")]
     assert len(after.entries) == 62 and len(nets) == 2 and after.validate() == []
+    for key in nets:  # calibration networks carry their per-layer profile, each layer naming the nodes it covers
+        layers = after.entries[key].layers
+        assert layers and all(op and ms >= 0 and isinstance(nodes, list) for op, ms, nodes in layers)
+        assert any(nodes for _, _, nodes in layers)
     # nothing finished before the kill was lost or rewritten
     after_lines = table.read_text().splitlines()
     assert all(line in after_lines for line in before_lines[1:])
