@@ -1,0 +1,199 @@
+"""Benchmark: does fair (bilateral) width training rank sub-networks better than left-aligned sharing?
+
+Search-issue target: "Kendall tau between supernet accuracy and stand-alone accuracy over >= 20 sampled widths,
+reported for both" (bilateral = BCNet, arXiv 2105.10533; left = plain left-aligned channel sharing).
+
+  1. Ops are fixed: by default the space is DIGITS_SPACE reduced to one op (k3e3 everywhere, no skip), so both
+     supernets share only the width dimension; with --full-space the supernets are trained on the whole
+     DIGITS_SPACE (all ops, skip) and every width config is evaluated with k3e3 everywhere.
+  2. --n-widths distinct per-stage width-ratio vectors are sampled (seeded) from spec.width_ratios.
+  3. A bilateral and a left-aligned supernet are trained with identical settings (epochs, seed, batch, lr, data) and
+     every width config is scored with evaluate_arch (bilateral: mean of the left and right sides, as BCNet).
+  4. Every width config is trained stand-alone from scratch (build_network in train mode, AdamW with the supernet's
+     lr / weight decay, cosine schedule, --standalone-epochs, same split), once per --standalone-seeds seed; its
+     validation accuracy (mean over seeds) is the ground truth.
+  5. Kendall tau (tau-b, scipy if available) between supernet and stand-alone accuracy, for both modes.
+
+Usage: python tools/bench_supernet_ranking.py [--supernet-epochs 25] [--standalone-epochs 15] [--n-widths 20]
+       [--standalone-seeds 2] [--seed 0] [--full-space] [--out tools/out/supernet/ranking.json]
+Prints a Markdown table; writes JSON. Runs with one torch thread (much faster than two on small CPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deploykit.archspace import DIGITS_SPACE, Arch, SpaceSpec, build_network
+from deploykit.data import DataSplit, load_dataset
+from deploykit.supernet import Supernet, evaluate_arch, train_supernet
+
+FIXED = "k3e3"
+LR, WEIGHT_DECAY, BATCH = 3e-3, 1e-4, 64
+
+
+def kendall_tau(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """Kendall tau-b and its p-value (scipy); without scipy tau-b from pair counts and no p-value."""
+    try:
+        from scipy.stats import kendalltau
+        res = kendalltau(a, b)
+        return float(res.statistic), float(res.pvalue)
+    except ImportError:
+        pass
+    conc = disc = ties_a = ties_b = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        da, db = a[i] - a[j], b[i] - b[j]
+        if da == 0 and db == 0:
+            continue
+        if da == 0:
+            ties_a += 1
+        elif db == 0:
+            ties_b += 1
+        elif da * db > 0:
+            conc += 1
+        else:
+            disc += 1
+    denom = math.sqrt((conc + disc + ties_a) * (conc + disc + ties_b))
+    return ((conc - disc) / denom if denom else float("nan")), None
+
+
+def space(full: bool) -> SpaceSpec:
+    if full:
+        return DIGITS_SPACE
+    k, e = FIXED[1:].split("e")
+    return dataclasses.replace(DIGITS_SPACE, name="digits-k3e3", kernel_sizes=(int(k),), expansions=(int(e),), allow_skip=False)
+
+
+def sample_widths(spec: SpaceSpec, n: int, seed: int) -> list[Arch]:
+    """n distinct width vectors, uniform over spec.width_ratios per stage, ops fixed to FIXED."""
+    total = len(spec.width_ratios) ** len(spec.stages)
+    if n > total:
+        raise SystemExit(f"--n-widths {n} exceeds the {total} distinct width vectors of the space")
+    rng = np.random.default_rng(seed)
+    n_ops = sum(s.depth for s in spec.stages[1:])
+    seen, out = set(), []
+    while len(out) < n:
+        w = tuple(float(spec.width_ratios[int(i)]) for i in rng.integers(len(spec.width_ratios), size=len(spec.stages)))
+        if w not in seen:
+            seen.add(w)
+            out.append(Arch(ops=(FIXED,) * n_ops, widths=w, resolution=max(spec.resolutions)))
+    return out
+
+
+def train_standalone(spec: SpaceSpec, arch: Arch, data: DataSplit, epochs: int, seed: int) -> float:
+    """Validation accuracy of build_network(spec, arch) trained from scratch: AdamW, cosine lr, batch BATCH."""
+    torch.manual_seed(seed)
+    net = build_network(spec, arch).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    n = len(data.train_x)
+    steps = max(1, n // BATCH)
+    total = epochs * steps
+    for epoch in range(epochs):
+        perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+        for s in range(steps):
+            idx = perm[s * BATCH:(s + 1) * BATCH]
+            for g in opt.param_groups:
+                g["lr"] = 0.5 * LR * (1.0 + math.cos(math.pi * (epoch * steps + s) / max(total, 1)))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(data.train_x[idx]), data.train_y[idx]).backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(xb).argmax(1) for xb in torch.split(data.val_x, 256)])
+    return float((pred == data.val_y).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--supernet-epochs", type=int, default=25)
+    ap.add_argument("--standalone-epochs", type=int, default=15)
+    ap.add_argument("--n-widths", type=int, default=20)
+    ap.add_argument("--standalone-seeds", type=int, default=2, help="stand-alone runs per width config (accuracy averaged)")
+    ap.add_argument("--seed", type=int, default=0, help="supernet seed, width sampling seed, first stand-alone seed")
+    ap.add_argument("--full-space", action="store_true", help="train the supernets on the whole DIGITS_SPACE (all ops)")
+    ap.add_argument("--calibration-images", type=int, default=1000)
+    ap.add_argument("--out", default="tools/out/supernet/ranking.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t_start = time.monotonic()
+
+    spec = space(args.full_space)
+    data = load_dataset("digits", max(spec.resolutions))
+    archs = sample_widths(spec, args.n_widths, args.seed)
+    print(f"space {spec.name}: {len(archs)} width configs, ops {FIXED}; {len(data.train_y)} train / {len(data.val_y)} val images",
+          file=sys.stderr)
+
+    supernet_acc: dict[str, list[float]] = {}
+    supernet_info: dict[str, dict] = {}
+    for mode in ("bilateral", "left"):
+        sn = Supernet(spec, mode, seed=args.seed)
+        rep = train_supernet(sn, data, epochs=args.supernet_epochs, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
+                             seed=args.seed)
+        t0 = time.monotonic()
+        supernet_acc[mode] = [evaluate_arch(sn, a, data, calibration_images=args.calibration_images)
+                              for a in tqdm(archs, desc=f"evaluate ({mode})", file=sys.stderr, dynamic_ncols=True)]
+        supernet_info[mode] = {"train_s": round(rep["seconds"], 1), "eval_s": round(time.monotonic() - t0, 1),
+                               "final_loss": rep["final_loss"], "subnets_per_step": round(rep["subnets_per_step"], 2)}
+
+    seeds = [args.seed + i for i in range(args.standalone_seeds)]
+    t0 = time.monotonic()
+    standalone_runs = np.zeros((len(archs), len(seeds)))
+    with tqdm(total=len(archs) * len(seeds), desc="stand-alone", file=sys.stderr, dynamic_ncols=True) as bar:
+        for j, s in enumerate(seeds):
+            for i, a in enumerate(archs):
+                standalone_runs[i, j] = train_standalone(spec, a, data, args.standalone_epochs, s)
+                bar.update(1)
+    standalone_s = time.monotonic() - t0
+    standalone = standalone_runs.mean(1).tolist()
+
+    results = {}
+    for mode in ("bilateral", "left"):
+        tau, p = kendall_tau(supernet_acc[mode], standalone)
+        acc = supernet_acc[mode]
+        results[mode] = {"kendall_tau": tau, "p_value": p, "supernet_acc_min": min(acc), "supernet_acc_max": max(acc),
+                         "supernet_acc_mean": float(np.mean(acc)), **supernet_info[mode]}
+    seed_tau = None
+    if len(seeds) > 1:  # how well two stand-alone seeds agree: a ceiling for any supernet's tau
+        seed_tau = kendall_tau(standalone_runs[:, 0].tolist(), standalone_runs[:, 1].tolist())[0]
+    wall = time.monotonic() - t_start
+
+    n_val = len(data.val_y)
+    print(f"\n## Supernet ranking: {len(archs)} width configs of {spec.name} (ops {FIXED}), {n_val} val images "
+          f"(1 image = {100 / n_val:.2f} pp)\n")
+    print(f"supernet epochs {args.supernet_epochs}, stand-alone epochs {args.standalone_epochs} x {len(seeds)} seed(s), "
+          f"seed {args.seed}\n")
+    print("| mode | Kendall tau | p | supernet acc min..max (mean) | stand-alone acc min..max | train s | eval s |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        p = f"{r['p_value']:.3f}" if r["p_value"] is not None else "-"
+        print(f"| {mode} | {r['kendall_tau']:.3f} | {p} | {r['supernet_acc_min']:.4f}..{r['supernet_acc_max']:.4f} "
+              f"({r['supernet_acc_mean']:.4f}) | {min(standalone):.4f}..{max(standalone):.4f} | {r['train_s']} | {r['eval_s']} |")
+    if seed_tau is not None:
+        print(f"\nstand-alone seed-vs-seed Kendall tau: {seed_tau:.3f}")
+    print(f"\nstand-alone training {standalone_s:.1f} s; wall time {wall:.1f} s")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"args": vars(args), "space": spec.to_dict(), "fixed_op": FIXED, "n_train": len(data.train_y), "n_val": n_val,
+           "optimiser": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH, "schedule": "cosine"},
+           "results": results, "standalone_seed_tau": seed_tau, "standalone_s": round(standalone_s, 1), "wall_s": round(wall, 1),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+           "widths": [{"widths": list(a.widths), "standalone_acc": standalone[i], "standalone_runs": standalone_runs[i].tolist(),
+                       **{f"supernet_{m}": supernet_acc[m][i] for m in supernet_acc}} for i, a in enumerate(archs)]}
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
