@@ -13,7 +13,7 @@ so the torch module and the kernel list describe the same network.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -185,10 +185,6 @@ def encoding_size(spec: SpaceSpec) -> int:
     return sum(len(g.choices) for g in choice_groups(spec))
 
 
-def _choices(arch: Arch) -> list[Any]:
-    return [*arch.ops, *arch.widths, arch.resolution]
-
-
 def check_arch(spec: SpaceSpec, arch: Arch) -> None:
     """Raise DeployKitError when `arch` is not a point of `spec`."""
     cg = choice_groups(spec)
@@ -196,7 +192,7 @@ def check_arch(spec: SpaceSpec, arch: Arch) -> None:
     if len(arch.ops) != n_ops or len(arch.widths) != len(spec.stages):
         raise DeployKitError(f"architecture has {len(arch.ops)} ops and {len(arch.widths)} widths, space {spec.name!r} "
                              f"needs {n_ops} ops and {len(spec.stages)} widths")
-    for g, choice in zip(cg, _choices(arch)):
+    for g, choice in zip(cg, choices(arch)):
         if choice not in g.choices:
             raise DeployKitError(f"architecture chooses {choice!r} for {g.name} in space {spec.name!r}: "
                                  f"choose one of {list(g.choices)}")
@@ -206,7 +202,7 @@ def encode(spec: SpaceSpec, arch: Arch) -> np.ndarray:
     """Float32 concatenation of one one-hot vector per choice group."""
     check_arch(spec, arch)
     out = np.zeros(encoding_size(spec), dtype=np.float32)
-    for (_, start, _), g, choice in zip(groups(spec), choice_groups(spec), _choices(arch)):
+    for (_, start, _), g, choice in zip(groups(spec), choice_groups(spec), choices(arch)):
         out[start + g.choices.index(choice)] = 1.0
     return out
 
@@ -217,13 +213,21 @@ def decode(spec: SpaceSpec, encoding: np.ndarray) -> Arch:
     if e.size != encoding_size(spec):
         raise DeployKitError(f"encoding has {e.size} entries, space {spec.name!r} needs {encoding_size(spec)}")
     picked = [g.choices[int(np.argmax(e[start:start + size]))] for (_, start, size), g in zip(groups(spec), choice_groups(spec))]
-    n_ops = len(picked) - len(spec.stages) - 1
-    return Arch(ops=tuple(picked[:n_ops]), widths=tuple(picked[n_ops:-1]), resolution=picked[-1])
+    return arch_from_choices(spec, picked)
 
 
 def sample_arch(spec: SpaceSpec, rng: np.random.Generator) -> Arch:
     """Uniform over every group's choices."""
-    picked = [g.choices[int(rng.integers(len(g.choices)))] for g in choice_groups(spec)]
+    return arch_from_choices(spec, [g.choices[int(rng.integers(len(g.choices)))] for g in choice_groups(spec)])
+
+
+def choices(arch: Arch) -> list[Any]:
+    """The architecture's choice per group, in `choice_groups` order."""
+    return [*arch.ops, *arch.widths, arch.resolution]
+
+
+def arch_from_choices(spec: SpaceSpec, picked: Sequence[Any]) -> Arch:
+    """The inverse of `choices`: one choice per group of `choice_groups(spec)`."""
     n_ops = len(picked) - len(spec.stages) - 1
     return Arch(ops=tuple(picked[:n_ops]), widths=tuple(picked[n_ops:-1]), resolution=picked[-1])
 

@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .archcli import register as register_arch_predictor
 
     register_arch_predictor(sub)
+    from .searchcli import register as register_search
+
+    register_search(sub)
     return ap
 
 

@@ -50,6 +50,8 @@ from .archspace import (
     block_plan,
     build_network,
     check_arch,
+    choice_groups,
+    choices,
     parse_op,
     sample_arch,
     stage_channels,
@@ -439,16 +441,30 @@ def sandwich_archs(spec: SpaceSpec, rng: np.random.Generator, random_archs: int)
     return [largest_arch(spec), smallest_arch(spec)] + [sample_arch(spec, rng) for _ in range(random_archs)]
 
 
-def step_subnets(supernet: Supernet, rng: np.random.Generator, random_archs: int) -> list[SubNet]:
-    """Every sub-network one training step runs, without duplicates."""
+def step_subnets(supernet: Supernet, rng: np.random.Generator, random_archs: int) -> list[tuple[SubNet, Arch | None]]:
+    """Every sub-network one training step runs, without duplicates. A random (uniformly sampled) architecture's own
+    left-side sub-network comes with that architecture, so its loss can be credited to its choices (`choice_losses`)."""
     out, seen = [], set()
-    for arch in sandwich_archs(supernet.spec, rng, random_archs):
-        for sn in training_subnets(supernet.spec, arch, supernet.width_mode):
+    for i, arch in enumerate(sandwich_archs(supernet.spec, rng, random_archs)):
+        for j, sn in enumerate(training_subnets(supernet.spec, arch, supernet.width_mode)):
             key = supernet._key(sn)
             if key not in seen:
                 seen.add(key)
-                out.append(sn)
+                out.append((sn, arch if i >= 2 and j == 0 else None))
     return out
+
+
+CHOICE_LOSS_DECAY = 0.98  # exponential moving average: the prior should reflect the trained supernet, not its start
+
+
+def _credit_choices(spec: SpaceSpec, table: dict, arch: Arch, loss: float) -> None:
+    """Fold one sub-network's loss into the moving average of every choice it made (BCNet's prior statistics)."""
+    for g, choice in zip(choice_groups(spec), choices(arch)):
+        entry = table.setdefault(g.name, [[None] * len(g.choices), [0] * len(g.choices)])
+        c = g.choices.index(choice)
+        prev = entry[0][c]
+        entry[0][c] = loss if prev is None else CHOICE_LOSS_DECAY * prev + (1 - CHOICE_LOSS_DECAY) * loss
+        entry[1][c] += 1
 
 
 def _cosine_lr(lr: float, step: int, total: int) -> float:
@@ -490,7 +506,9 @@ def _resume(path: Path, supernet: Supernet, opt: torch.optim.Optimizer, seed: in
     supernet.load_state_dict(doc["model"])
     opt.load_state_dict(doc["optimizer"])
     torch.set_rng_state(doc["torch_rng"])
-    return {k: doc[k] for k in ("epoch", "step", "loss_sum", "epoch_losses", "seed", "batch_size")}
+    out = {k: doc[k] for k in ("epoch", "step", "loss_sum", "epoch_losses", "seed", "batch_size")}
+    out["choice_losses"] = doc.get("choice_losses", {})
+    return out
 
 
 def train_supernet(supernet: Supernet, data: DataSplit, *, epochs: int, batch_size: int = 64, lr: float = 3e-3,
@@ -504,7 +522,9 @@ def train_supernet(supernet: Supernet, data: DataSplit, *, epochs: int, batch_si
     continues exactly. With `checkpoint`, the state is saved atomically after each epoch and on KeyboardInterrupt
     (then re-raised), and training resumes from an existing checkpoint (same space, mode, seed and batch size).
     `on_step(info)` is called after every step (info: epoch, step, loss), e.g. to log or to stop.
-    Returns a report: epochs done, where it resumed, epochs and steps run now, seconds, per-epoch mean losses."""
+    Returns a report: epochs done, where it resumed, epochs and steps run now, seconds, per-epoch mean losses, and
+    `choice_losses` {group name: [per choice the moving-average loss of random sub-networks that made it (None if
+    never sampled), per choice the count]}: the statistics of BCNet's prior initial population (`search.choice_prior`)."""
     _check_data(supernet, data)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise DeployKitError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -515,7 +535,8 @@ def train_supernet(supernet: Supernet, data: DataSplit, *, epochs: int, batch_si
         raise DeployKitError(f"the training split holds {n} image(s): give a dataset with more images")
     steps_per_epoch = max(1, n // batch_size)  # the last, partial batch is dropped: batches stay equally noisy
     opt = torch.optim.AdamW(supernet.parameters(), lr=lr, weight_decay=weight_decay)
-    state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "epoch_losses": [], "seed": seed, "batch_size": batch_size}
+    state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "epoch_losses": [], "seed": seed, "batch_size": batch_size,
+             "choice_losses": {}}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         state = _resume(path, supernet, opt, seed, batch_size)
@@ -538,10 +559,12 @@ def train_supernet(supernet: Supernet, data: DataSplit, *, epochs: int, batch_si
                     group["lr"] = _cosine_lr(lr, state["epoch"] * steps_per_epoch + state["step"], total_steps)
                 opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for sn in subnets:
-                    loss = F.cross_entropy(supernet.forward_subnet(x, sn), y) / len(subnets)
-                    loss.backward()
-                    step_loss += loss.item()
+                for sn, arch in subnets:
+                    loss = F.cross_entropy(supernet.forward_subnet(x, sn), y)
+                    (loss / len(subnets)).backward()
+                    step_loss += loss.item() / len(subnets)
+                    if arch is not None:
+                        _credit_choices(supernet.spec, state["choice_losses"], arch, loss.item())
                 opt.step()
                 state["step"] += 1
                 state["loss_sum"] += step_loss
@@ -564,4 +587,5 @@ def train_supernet(supernet: Supernet, data: DataSplit, *, epochs: int, batch_si
     return {"epochs": state["epoch"], "resumed_from_epoch": start_epoch, "resumed_from_step": start_step,
             "epochs_run": state["epoch"] - start_epoch, "steps_run": steps_run, "seconds": time.perf_counter() - t0,
             "subnets_per_step": subnets_run / max(steps_run, 1), "epoch_losses": list(state["epoch_losses"]),
-            "final_loss": state["epoch_losses"][-1] if state["epoch_losses"] else None}
+            "final_loss": state["epoch_losses"][-1] if state["epoch_losses"] else None,
+            "choice_losses": state["choice_losses"]}
