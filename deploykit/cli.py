@@ -196,7 +196,8 @@ def cmd_backends(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    """The main job on built-in defaults: quick-profile this machine, fit its predictor, predict and measure a network."""
+    """The main job on built-in defaults: quick-profile this machine, fit its predictor, predict and measure a network,
+    then search the digits space under a budget, train, export and measure the result."""
     from . import zoo
     from .onnx_io import input_specs, load_onnx
     from .predictor import KernelPredictor
@@ -218,10 +219,29 @@ def cmd_quickstart(args) -> int:
               "table": str(result.table_path), "predicted_latency_ms": pred.latency_ms,
               "prediction_error": (pred.latency_ms - m.latency_ms) / m.latency_ms}
     (out / "quickstart.json").write_text(json.dumps(report, indent=1))
-    print(f"{args.model} {args.resolution}x{args.resolution}: predicted {pred.latency_ms:.2f} ms from the quick table, measured "
-          f"{m.latency_ms:.2f} ms median (p90 {m.stats.p90_ms:.2f}, {report['prediction_error']:+.1%}); {len(layers.layers)} fused "
-          f"layers summing to {layers.sum_ratio:.3f} x end-to-end; report: {out / 'quickstart.json'}")
-    return 0
+    print(f"{args.model} {args.resolution}x{args.resolution}: predicted {pred.latency_ms:.2f} ms from the quick table, "
+          f"measured {m.latency_ms:.2f} ms median (p90 {m.stats.p90_ms:.2f}, {report['prediction_error']:+.1%}); "
+          f"{len(layers.layers)} fused layers summing to {layers.sum_ratio:.3f} x end-to-end; report: {out / 'quickstart.json'}")
+    if args.no_search:
+        return 0
+    return _quick_search(args, result.table_path, backend, out)
+
+
+def _quick_search(args, table_path: Path, backend, out: Path) -> int:
+    """Search the digits space under a budget on this machine (default: the middle of its measured feasible range)."""
+    from .archspace import DIGITS_SPACE
+    from .predictor import KernelPredictor
+    from .search import space_range_ms
+
+    budget = args.budget_ms
+    if budget is None:
+        lo, hi, _ = space_range_ms(DIGITS_SPACE, KernelPredictor.for_device(str(table_path)), backend)
+        budget = round((lo + hi) / 2, 4)
+        print(f"search budget: {budget:g} ms, the middle of the digits space's measured range {lo:.4f}-{hi:.4f} ms")
+    argv = ["search", "--device", str(table_path), "--budget-ms", str(budget), "--data", "digits", "--out",
+            str(out / "search")] + (["--no-progress"] if args.no_progress else [])
+    search_args = build_parser().parse_args(argv)
+    return int(search_args.fn(search_args) or 0)
 
 
 def _add_backend_args(p, default_threads: int | None = 1) -> None:
@@ -312,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--budget-ms", type=float, help="budget of the digits search (default: the middle of the space's range)")
+    p.add_argument("--no-search", action="store_true", help="stop after the predictor check, before the search")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_quickstart)
 

@@ -36,10 +36,8 @@ continues exactly. Checkpoints are written atomically after every epoch and on K
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -56,7 +54,7 @@ from .archmlp import relaxed_encoding
 from .archspace import FIXED_OP, SKIP, Arch, SpaceSpec, choice_groups, decode, encode, encoding_size, groups, parse_op
 from .data import DataSplit
 from .errors import DeployKitError, InternalError
-from .fileio import atomic_write, check_format
+from .fileio import load_checkpoint_doc, save_checkpoint
 from .zoo import InvertedResidual, conv_bn_act, make_divisible
 
 CHECKPOINT_FORMAT = "deploykit-darts-checkpoint"
@@ -457,24 +455,17 @@ def _result(spec: SpaceSpec, model: DartsSupernet, latency_ms: Callable, history
 
 def _save_checkpoint(path: Path, spec: SpaceSpec, settings: dict, state: dict, model: DartsSupernet,
                      weight_opt: torch.optim.Optimizer, arch_opt: torch.optim.Optimizer) -> None:
-    doc = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "spec": spec.to_dict(), **settings, **state,
-           "model": model.state_dict(), "weight_optimizer": weight_opt.state_dict(), "arch_optimizer": arch_opt.state_dict()}
-    buf = io.BytesIO()
-    torch.save(doc, buf)
-    atomic_write(path, buf.getvalue())  # temporary file in the same folder, then os.replace
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "spec": spec.to_dict(),
+                           **settings, **state, "model": model.state_dict(), "weight_optimizer": weight_opt.state_dict(),
+                           "arch_optimizer": arch_opt.state_dict()})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A search checkpoint as a dict (settings, position, history, state dicts); DeployKitError if unreadable or foreign."""
-    path = Path(path)
-    fix = "delete it to start the search over"
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DeployKitError(f"search checkpoint not found: {path}: search with checkpoint={str(path)!r} to write it") from None
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damaged, truncated, empty, foreign
-        raise DeployKitError(f"cannot read search checkpoint {path} ({type(e).__name__}): {fix}") from None
-    return check_format(doc, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "differentiable-search checkpoint", fix)
+    if not Path(path).exists():
+        raise DeployKitError(f"search checkpoint not found: {path}: search with checkpoint={str(path)!r} to write it")
+    return load_checkpoint_doc(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "differentiable-search checkpoint",
+                               "delete it to start the search over")
 
 
 def _resume(path: Path, spec: SpaceSpec, settings: dict, model: DartsSupernet, weight_opt: torch.optim.Optimizer,

@@ -52,3 +52,32 @@ def check_format(doc: object, path: str | os.PathLike, fmt: str, version: int, w
         raise DeployKitError(f"{what} {path} has format_version {doc.get('format_version')!r}, this deploykit reads "
                              f"{version}: {fix}")
     return doc
+
+
+def save_checkpoint(path: str | os.PathLike, doc: dict) -> Path:
+    """A training checkpoint (tensors, numbers, strings, lists, dicts) written atomically with torch.save."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(doc, buf)
+    return atomic_write(path, buf.getvalue())
+
+
+def load_checkpoint_doc(path: str | os.PathLike, fmt: str, version: int, what: str, fix: str) -> dict:
+    """A checkpoint of save_checkpoint, loaded with weights_only=True (no pickle code runs); every failure is one line."""
+    import pickle
+
+    import torch
+
+    from .errors import DeployKitError
+
+    path = Path(path)
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DeployKitError(f"{what} not found: {path}: {fix}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damaged, truncated, empty, foreign
+        raise DeployKitError(f"cannot read {what} {path} ({type(e).__name__}): {fix}") from None
+    return check_format(doc, path, fmt, version, what, fix)

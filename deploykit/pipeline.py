@@ -20,11 +20,10 @@ from .archspace import Arch, SpaceSpec, build_network
 from .data import DataSplit, stratified_split
 from .errors import DeployKitError
 from .search import (
-    TARGET_HIGH,
-    TARGET_LOW,
     LatencyModel,
     choice_prior,
     evolutionary_search,
+    fallback_pick,
     fit_to_band,
     landscape,
     verify_on_device,
@@ -92,8 +91,9 @@ def differentiable_phase(spec: SpaceSpec, data: DataSplit, latency: LatencyModel
     learned preferences (usually no move: the latency loss already aims at the band)."""
     from .darts import differentiable_search
 
-    result = differentiable_search(spec, data, latency.encoding_ms, budget_ms, epochs=epochs, latency_weight=latency_weight,
-                                   seed=seed, progress=progress, checkpoint=checkpoint)
+    warmup = min(2, epochs // 4)  # PC-DARTS warms up for 15 of 50 epochs; short searches keep most epochs for the logits
+    result = differentiable_search(spec, data, latency.encoding_ms, budget_ms, epochs=epochs, warmup_epochs=warmup,
+                                   latency_weight=latency_weight, seed=seed, progress=progress, checkpoint=checkpoint)
     preference = {name: np.log(np.maximum(np.asarray(p), 1e-12)) for name, p in result.probabilities.items()}
     arch, ms, moves = fit_to_band(spec, result.arch, latency.predict_ms, *band_ms, preference=preference)
     return {"arch": arch.to_dict(), "predicted_ms": ms, "argmax_arch": result.arch.to_dict(),
@@ -130,10 +130,9 @@ def verify_phase(spec: SpaceSpec, found: dict, latency: LatencyModel, backend, b
             return latency.predict_ms(archs) * s
 
         arch, pred, _ = fit_to_band(spec, arch, scaled, *band_ms, preference=preference)
-    ok = [r for r in tried if TARGET_LOW * budget_ms <= r["latency_ms"] <= TARGET_HIGH * budget_ms]
-    within = [r for r in tried if r["latency_ms"] <= budget_ms]
-    pick = ok[-1] if ok else within[-1] if within else min(tried, key=lambda r: r["latency_ms"])
-    return {"arch": pick["arch"], "predicted_ms": pick["predicted_ms"], "measured": pick, "in_target": bool(ok), "tried": tried}
+    pick = v.measured if v.in_target else fallback_pick(tried, budget_ms)
+    return {"arch": pick["arch"], "predicted_ms": pick["predicted_ms"], "measured": pick, "in_target": v.in_target,
+            "tried": tried}
 
 
 # -- 3. train --------------------------------------------------------------------------------

@@ -331,7 +331,8 @@ def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegre
 
 
 def fit_overhead(rows: np.ndarray, measured_ms: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Least squares on relative error, full or reduced (one scale + a constant), whichever transfers better.
+    """Least squares on relative error, full or reduced (one scale + a constant), whichever transfers better; the
+    constant (a per-network cost) is kept non-negative.
 
     Leave-one-out error on the calibration networks picks the form: a quick profile's dozen networks
     cannot pin six terms, and the reduced form keeps it from over-fitting.
@@ -343,7 +344,10 @@ def fit_overhead(rows: np.ndarray, measured_ms: np.ndarray) -> tuple[np.ndarray,
 
     def solve(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         w = 1.0 / y[:, None]
-        return np.linalg.lstsq(a * w, y[:, None] * w, rcond=None)[0][:, 0]
+        c = np.linalg.lstsq(a * w, y[:, None] * w, rcond=None)[0][:, 0]
+        if c[-1] < 0:  # a negative per-network constant extrapolates small networks to negative latency: pin it at 0
+            c = np.append(np.linalg.lstsq(a[:, :-1] * w, y[:, None] * w, rcond=None)[0][:, 0], 0.0)
+        return c
 
     forms = {"full": rows,  # reduced: the summed kernel latency (fused adds included) and a constant
              "reduced": np.column_stack([rows[:, 0] + rows[:, 1], rows[:, -1]])}

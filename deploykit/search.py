@@ -43,9 +43,11 @@ from .archmlp import (
 )
 from .archspace import Arch, SpaceSpec, arch_from_choices, arch_kernels, choice_groups, choices, encode
 from .errors import DeployKitError
+from .protocol import MODEL_PROTOCOL
 from .supernet import largest_arch, smallest_arch
 
 TARGET_LOW, TARGET_HIGH = 0.85, 1.0  # where the measured latency must land, as fractions of the budget
+VERIFY_GUARD = 0.02  # verification accepts [0.85 + guard/2, 1.0 - guard] x budget: a re-measurement moves by ~1-2%
 BAND = (0.88, 0.97)  # where a search aims the predicted latency
 PRETRAIN_N = 3000
 PRETRAIN_EPOCHS = 150
@@ -86,7 +88,12 @@ def build_latency_model(spec: SpaceSpec, predictor, path: str | os.PathLike, *, 
     t0 = time.monotonic()
     _status(progress, f"latency model: labelling {pretrain_n} architectures of space {spec.name!r} with the kernel predictor")
     enc, lat = pretrain_targets(spec, pretrain_n, seed + 1, predict_networks=predictor.predict_networks)
-    mlp = fit_arch_mlp(spec, enc, lat, epochs=PRETRAIN_EPOCHS, seed=seed)
+    usable = np.isfinite(lat) & (lat > 0)
+    if usable.sum() < max(2, pretrain_n // 2):  # the predictor extrapolates badly to this space's networks
+        raise DeployKitError(f"the kernel predictor of {predictor.doc.get('table')} predicts no positive latency for "
+                             f"{pretrain_n - int(usable.sum())} of {pretrain_n} architectures of space {spec.name!r}: refit it "
+                             "(deploykit predictor fit --device ...) or profile more calibration networks (--nets)")
+    mlp = fit_arch_mlp(spec, enc[usable], lat[usable], epochs=PRETRAIN_EPOCHS, seed=seed)
     info: dict = {"pretrained_on": {"table": predictor.doc.get("table"), "n": pretrain_n}, "measured_n": 0,
                   "correction": None}
     if backend is not None and measure_n > 0:
@@ -109,7 +116,8 @@ def space_range_ms(spec: SpaceSpec, predictor, backend=None) -> tuple[float, flo
     is given (the smallest and the largest architecture), else predicted by the kernel predictor."""
     extremes = [smallest_arch(spec), largest_arch(spec)]
     if backend is not None:
-        lo, hi = (measure_arch(spec, a, backend).latency_ms for a in extremes)
+        # the full protocol (rounds until stable): a budget is refused on these two figures
+        lo, hi = (measure_arch(spec, a, backend, MODEL_PROTOCOL).latency_ms for a in extremes)
         return lo, hi, "measured"
     lo, hi = predictor.predict_networks([arch_kernels(spec, a) for a in extremes])
     return float(lo), float(hi), "predicted"
@@ -377,19 +385,42 @@ class Verification:
 
 def verify_on_device(spec: SpaceSpec, ranked: Sequence[tuple[Arch, float]], backend, budget_ms: float, *,
                      tries: int = 4, progress: bool = True) -> Verification:
-    """Measure the candidates in rank order (arch, predicted ms) until one lands in [0.85, 1.0] x budget. If none of
-    the first `tries` does, the best-ranked one within the budget is taken, else the fastest measured."""
-    tried = []
-    for arch, pred in tqdm(list(ranked)[:tries], desc="verify on device", unit="arch", disable=not progress,
-                           file=sys.stderr, dynamic_ncols=True):
-        m = measure_arch(spec, arch, backend)
-        rec = {"arch": arch.to_dict(), "predicted_ms": pred, **m.to_dict()}
-        tried.append(rec)
-        if TARGET_LOW * budget_ms <= m.latency_ms <= TARGET_HIGH * budget_ms:
-            return Verification(arch, pred, rec, True, tried)
-    within = [r for r in tried if r["latency_ms"] <= budget_ms]
-    pick = within[0] if within else min(tried, key=lambda r: r["latency_ms"])
-    return Verification(Arch.from_dict(pick["arch"]), pick["predicted_ms"], pick, False, tried)
+    """Measure candidates (arch, predicted ms), best-ranked first, until one lands in the target band [0.85, 1.0] x
+    budget, narrowed by VERIFY_GUARD so that the final network's own measurement stays inside it too.
+
+    After each measurement the latency model's error at these candidates (median measured / predicted so far) is
+    known, so the next candidate measured is the best-ranked one whose corrected prediction falls inside the
+    target band (the closest to it when none does). If none of `tries` lands, `fallback_pick` decides."""
+    ranked = list(ranked)
+    lo, hi = (TARGET_LOW + VERIFY_GUARD / 2) * budget_ms, (TARGET_HIGH - VERIFY_GUARD) * budget_ms
+    tried: list[dict] = []
+    untried = list(range(len(ranked)))
+    bar = tqdm(total=min(tries, len(ranked)), desc="verify on device", unit="arch", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        while untried and len(tried) < tries:
+            scale = float(np.median([t["latency_ms"] / t["predicted_ms"] for t in tried])) if tried else 1.0
+            inside = [i for i in untried if lo <= ranked[i][1] * scale <= hi]
+            pick = inside[0] if inside else min(untried, key=lambda i: abs(ranked[i][1] * scale - (lo + hi) / 2))
+            untried.remove(pick)
+            arch, pred = ranked[pick]
+            m = measure_arch(spec, arch, backend)
+            tried.append({"arch": arch.to_dict(), "predicted_ms": pred, "rank": pick, **m.to_dict()})
+            bar.update(1)
+            if lo <= m.latency_ms <= hi:
+                return Verification(arch, pred, tried[-1], True, tried)
+    finally:
+        bar.close()
+    pick_rec = fallback_pick(tried, budget_ms)
+    return Verification(Arch.from_dict(pick_rec["arch"]), pick_rec["predicted_ms"], pick_rec, False, tried)
+
+
+def fallback_pick(tried: Sequence[dict], budget_ms: float) -> dict:
+    """When no measurement landed in the guarded band: the first one in the target band, else the first within the
+    budget, else the fastest (in the order measured, i.e. best-ranked first)."""
+    in_target = [t for t in tried if TARGET_LOW * budget_ms <= t["latency_ms"] <= TARGET_HIGH * budget_ms]
+    within = [t for t in tried if t["latency_ms"] <= budget_ms]
+    return (in_target or within or [min(tried, key=lambda t: t["latency_ms"])])[0]
 
 
 def _status(progress: bool, msg: str) -> None:

@@ -86,11 +86,6 @@ class Run:
         return result
 
 
-def _say(args, msg: str) -> None:
-    if not args.no_progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _local_backend(device: dict):
     """The backend that measures on `device` when that is this machine, else None."""
     from .fingerprint import mismatches
@@ -108,6 +103,15 @@ def _local_backend(device: dict):
 # -- the command -----------------------------------------------------------------------------
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"deploykit: interrupted; {args.out} keeps the finished work: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from .archspace import Arch, get_space
     from .data import load_dataset
     from .predictor import KernelPredictor

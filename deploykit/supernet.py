@@ -25,10 +25,8 @@ that both compute the same outputs.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +56,7 @@ from .archspace import (
 )
 from .data import DataSplit
 from .errors import DeployKitError, InternalError
-from .fileio import atomic_write, check_format
+from .fileio import load_checkpoint_doc, save_checkpoint
 from .zoo import make_divisible
 
 WIDTH_MODES = ("bilateral", "left")
@@ -472,25 +470,17 @@ def _cosine_lr(lr: float, step: int, total: int) -> float:
 
 
 def _save_checkpoint(path: Path, supernet: Supernet, opt: torch.optim.Optimizer, state: dict) -> None:
-    doc = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "spec": supernet.spec.to_dict(),
-           "width_mode": supernet.width_mode, **state, "model": supernet.state_dict(), "optimizer": opt.state_dict(),
-           "torch_rng": torch.get_rng_state()}
-    buf = io.BytesIO()
-    torch.save(doc, buf)
-    atomic_write(path, buf.getvalue())  # temporary file in the same folder, then os.replace
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "spec": supernet.spec.to_dict(),
+                           "width_mode": supernet.width_mode, **state, "model": supernet.state_dict(),
+                           "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A supernet checkpoint as a dict (model and optimiser state dicts, epoch, step, seed, losses); DeployKitError if bad."""
-    path = Path(path)
-    fix = "delete it to start training over"
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DeployKitError(f"supernet checkpoint not found: {path}: train with checkpoint={str(path)!r} to write it") from None
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damaged, truncated, empty, foreign
-        raise DeployKitError(f"cannot read supernet checkpoint {path} ({type(e).__name__}): {fix}") from None
-    return check_format(doc, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "supernet checkpoint", fix)
+    if not Path(path).exists():
+        raise DeployKitError(f"supernet checkpoint not found: {path}: train with checkpoint={str(path)!r} to write it")
+    return load_checkpoint_doc(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "supernet checkpoint",
+                               "delete it to start training over")
 
 
 def _resume(path: Path, supernet: Supernet, opt: torch.optim.Optimizer, seed: int, batch_size: int) -> dict:

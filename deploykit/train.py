@@ -8,10 +8,8 @@ same settings resumes from it exactly.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from tqdm import tqdm
 
 from .data import DataSplit
 from .errors import DeployKitError
-from .fileio import atomic_write, check_format
+from .fileio import load_checkpoint_doc, save_checkpoint
 
 CHECKPOINT_FORMAT = "deploykit-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -43,19 +41,13 @@ def _cosine(lr: float, step: int, total: int) -> float:
 
 
 def _save(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state, "model": net.state_dict(),
-                "optimizer": opt.state_dict()}, buf)
-    atomic_write(path, buf.getvalue())
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state,
+                           "model": net.state_dict(), "optimizer": opt.state_dict()})
 
 
 def _resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, settings: dict) -> dict:
     fix = "delete it to train from the start"
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise DeployKitError(f"cannot read training checkpoint {path} ({type(e).__name__}): {fix}") from None
-    check_format(doc, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint", fix)
+    doc = load_checkpoint_doc(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint", fix)
     for name, value in settings.items():
         if doc.get(name) != value:
             raise DeployKitError(f"training checkpoint {path} was written with {name}={doc.get(name)!r}, not {value!r}: "

@@ -233,7 +233,7 @@ def test_foreign_and_damaged_checkpoints(digits, latency, tmp_path):
     with pytest.raises(DeployKitError, match=r"is not a deploykit differentiable-search checkpoint: delete it"):
         differentiable_search(SPEC, data, model, 1.0, epochs=1, warmup_epochs=0, checkpoint=tmp_path / "supernet.pt", **FAST)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DeployKitError, match=r"cannot read search checkpoint .*junk.pt .*delete it to start the search over"):
+    with pytest.raises(DeployKitError, match=r"cannot read differentiable-search checkpoint .*junk.pt .*delete it to start the search over"):
         differentiable_search(SPEC, data, model, 1.0, epochs=1, warmup_epochs=0, checkpoint=tmp_path / "junk.pt", **FAST)
 
 

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from deploykit.archspace import DIGITS_SPACE, Arch, SpaceSpec, build_network
 from deploykit.data import DataSplit, load_dataset
 from deploykit.supernet import Supernet, evaluate_arch, train_supernet
+from deploykit.train import train_network
 
 FIXED = "k3e3"
 LR, WEIGHT_DECAY, BATCH = 3e-3, 1e-4, 64
@@ -92,26 +92,12 @@ def sample_widths(spec: SpaceSpec, n: int, seed: int) -> list[Arch]:
 
 
 def train_standalone(spec: SpaceSpec, arch: Arch, data: DataSplit, epochs: int, seed: int) -> float:
-    """Validation accuracy of build_network(spec, arch) trained from scratch: AdamW, cosine lr, batch BATCH."""
-    torch.manual_seed(seed)
-    net = build_network(spec, arch).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    n = len(data.train_x)
-    steps = max(1, n // BATCH)
-    total = epochs * steps
-    for epoch in range(epochs):
-        perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
-        for s in range(steps):
-            idx = perm[s * BATCH:(s + 1) * BATCH]
-            for g in opt.param_groups:
-                g["lr"] = 0.5 * LR * (1.0 + math.cos(math.pi * (epoch * steps + s) / max(total, 1)))
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(data.train_x[idx]), data.train_y[idx]).backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(xb).argmax(1) for xb in torch.split(data.val_x, 256)])
-    return float((pred == data.val_y).float().mean())
+    """Validation accuracy of build_network(spec, arch) trained from scratch with deploykit.train's recipe."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(spec, arch)
+    return train_network(net, data, epochs=epochs, lr=LR, weight_decay=WEIGHT_DECAY, batch_size=BATCH, seed=seed,
+                         progress=False)["accuracy"]
 
 
 def main() -> None:

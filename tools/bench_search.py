@@ -1,0 +1,186 @@
+"""Benchmark: search under a budget on digits, on this machine (the search issue's targets).
+
+  1. The space's feasible range is measured (its smallest and largest architecture); --budgets budgets are
+     spread over it (evenly between 15% and 85% of the range).
+  2. One latency model (kernel predictor of --device + 30 measured architectures) and one bilateral supernet
+     serve every budget, as `deploykit search` would build them for each run.
+  3. Per budget: evolution (BCNet prior, band 0.88-0.97 x budget, verification on the device) and, for the first
+     --darts-budgets budgets, the differentiable search. The chosen network is fine-tuned as the CLI does
+     (supernet weights for evolution, from scratch for differentiable) and its ONNX latency measured.
+     Target 1: measured latency in [0.85, 1.0] x budget.
+  4. Target 2, a fair accuracy comparison: every chosen architecture and a uniformly width-scaled baseline family
+     (MobileNetV2's k3e6 block everywhere, no skip, one width multiplier for every stage, on a grid) are trained
+     from scratch with one recipe (--train-epochs, --seeds seeds each, AdamW, cosine); the baseline's accuracy at
+     the searched network's measured latency is interpolated along the baseline's accuracy/latency curve.
+Ranking (fair vs left-aligned width sharing) is tools/bench_supernet_ranking.py; the default CLI time is timed
+with `time deploykit search ...` (README).
+
+Usage: python tools/bench_search.py [--device epyc-2c-ort-t1] [--budgets 5] [--darts-budgets 3] [--supernet-epochs 16]
+       [--train-epochs 15] [--seeds 2] [--out tools/out/search]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deploykit.archmlp import measure_arch
+from deploykit.archspace import DIGITS_SPACE, Arch, SpaceSpec, build_network, stage_channels
+from deploykit.data import load_dataset
+from deploykit.pipeline import (
+    differentiable_phase,
+    evolution_phase,
+    export_phase,
+    train_phase,
+    train_search_supernet,
+    verify_phase,
+)
+from deploykit.predictor import KernelPredictor
+from deploykit.profilers import get_backend
+from deploykit.search import BAND, TARGET_HIGH, TARGET_LOW, build_latency_model, space_range_ms
+from deploykit.train import train_network
+
+BASELINE_OP = "k3e6"  # MobileNetV2's block
+BASELINE_WIDTHS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
+
+
+def baseline(spec: SpaceSpec, w: float) -> tuple[SpaceSpec, Arch]:
+    k, e = BASELINE_OP[1:].split("e")
+    s = dataclasses.replace(spec, name=f"{spec.name}-uniform", kernel_sizes=(int(k),), expansions=(int(e),),
+                            allow_skip=False, width_ratios=(w,))
+    n_ops = sum(st.depth for st in spec.stages[1:])
+    return s, Arch(ops=(BASELINE_OP,) * n_ops, widths=(w,) * len(spec.stages), resolution=max(spec.resolutions))
+
+
+def scratch_accuracy(spec: SpaceSpec, arch: Arch, data, epochs: int, seeds: int) -> list[float]:
+    out = []
+    for seed in range(seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build_network(spec, arch)
+        out.append(train_network(net, data, epochs=epochs, seed=seed, progress=False)["accuracy"])
+    return out
+
+
+def interpolate(curve: list[tuple[float, float]], x: float) -> tuple[float, bool]:
+    """Accuracy of the baseline's upper envelope at latency x (linear between points); False when x is outside."""
+    pts = sorted(curve)
+    xs, ys = np.array([p[0] for p in pts]), np.maximum.accumulate(np.array([p[1] for p in pts]))
+    return float(np.interp(x, xs, ys)), bool(xs[0] <= x <= xs[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="epyc-2c-ort-t1")
+    ap.add_argument("--budgets", type=int, default=5)
+    ap.add_argument("--darts-budgets", type=int, default=3)
+    ap.add_argument("--supernet-epochs", type=int, default=16)
+    ap.add_argument("--darts-epochs", type=int, default=12)
+    ap.add_argument("--finetune-epochs", type=int, default=10, help="evolution's fine-tuning (CLI default)")
+    ap.add_argument("--darts-train-epochs", type=int, default=20, help="differentiable's training from scratch (CLI default)")
+    ap.add_argument("--train-epochs", type=int, default=15, help="the fair comparison's from-scratch training")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="tools/out/search")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+
+    spec = DIGITS_SPACE
+    data = load_dataset("digits", max(spec.resolutions), seed=args.seed)
+    predictor = KernelPredictor.for_device(args.device)
+    backend = get_backend("ort-cpu", threads=int(predictor.device.get("threads") or 1))
+    lo, hi, how = space_range_ms(spec, predictor, backend)
+    budgets = [float(lo + q * (hi - lo)) for q in np.linspace(0.15, 0.85, args.budgets)]
+    print(f"feasible range {lo:.4f}-{hi:.4f} ms ({how}); budgets {[round(b, 4) for b in budgets]}", file=sys.stderr)
+    latency = build_latency_model(spec, predictor, out / "latency_model.json", backend=backend,
+                                  measurements=out / "latency_measurements.jsonl", seed=args.seed)
+    supernet, trained = train_search_supernet(spec, data, width_mode="bilateral", epochs=args.supernet_epochs, seed=args.seed,
+                                              progress=True, checkpoint=out / "supernet.ckpt")
+
+    rows = []
+    for i, budget in enumerate(budgets):
+        band = (BAND[0] * budget, BAND[1] * budget)
+        methods = ["evolution"] + (["differentiable"] if i < args.darts_budgets else [])
+        for method in methods:
+            run_dir = out / f"{method}-{i}"
+            run_dir.mkdir(exist_ok=True)
+            t0 = time.monotonic()
+            if method == "evolution":
+                found = evolution_phase(spec, data, latency, band, supernet, trained["choice_losses"], population=16,
+                                        generations=6, seed=args.seed, progress=True, log_dir=run_dir)
+            else:
+                found = differentiable_phase(spec, data, latency, budget, band, epochs=args.darts_epochs, latency_weight=1.0,
+                                             seed=args.seed, progress=True, checkpoint=run_dir / "search.ckpt")
+            verified = verify_phase(spec, found, latency, backend, budget, band, progress=True)
+            arch = Arch.from_dict(verified["arch"])
+            net, rep = train_phase(spec, data, arch, supernet=supernet if method == "evolution" else None,
+                                   epochs=args.finetune_epochs if method == "evolution" else args.darts_train_epochs,
+                                   seed=args.seed, progress=True,
+                                   checkpoint=run_dir / f"finetune-{hashlib.sha1(arch.key.encode()).hexdigest()[:10]}.ckpt")
+            exported = export_phase(run_dir, spec, arch, net, data, backend)
+            m = exported["measured"]["latency_ms"]
+            rows.append({"budget_ms": budget, "method": method, "arch": arch.to_dict(),
+                         "predicted_ms": float(latency.predict_ms([arch])[0]), "measured_ms": m,
+                         "ratio": m / budget, "in_target": bool(TARGET_LOW * budget <= m <= TARGET_HIGH * budget),
+                         "candidates_measured": len(verified["tried"]), "cli_accuracy": rep["accuracy"],
+                         "supernet_accuracy": found.get("supernet_accuracy"), "seconds": time.monotonic() - t0})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
+    # the fair comparison: everything from scratch with one recipe
+    base_rows = []
+    seen = set()
+    for w in BASELINE_WIDTHS:
+        s, a = baseline(spec, w)
+        key = tuple(stage_channels(s, a))
+        if key in seen:
+            continue
+        seen.add(key)
+        ms = measure_arch(s, a, backend).latency_ms
+        accs = scratch_accuracy(s, a, data, args.train_epochs, args.seeds)
+        base_rows.append({"width": w, "channels": list(key), "measured_ms": ms, "accuracy": float(np.mean(accs)), "accs": accs})
+        print(json.dumps(base_rows[-1]), file=sys.stderr)
+    curve = [(b["measured_ms"], b["accuracy"]) for b in base_rows]
+    for r in rows:
+        accs = scratch_accuracy(spec, Arch.from_dict(r["arch"]), data, args.train_epochs, args.seeds)
+        r["scratch_accuracy"], r["scratch_accs"] = float(np.mean(accs)), accs
+        r["baseline_accuracy"], r["baseline_interpolated"] = interpolate(curve, r["measured_ms"])
+        r["delta"] = r["scratch_accuracy"] - r["baseline_accuracy"]
+
+    result = {"device": args.device, "host": platform.node(), "range_ms": [lo, hi], "budgets_ms": budgets, "rows": rows,
+              "baseline": base_rows, "latency_model": latency.info, "supernet_epochs": args.supernet_epochs,
+              "train_epochs": args.train_epochs, "seeds": args.seeds, "seconds": time.monotonic() - t_start}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+
+    print(f"\nfeasible range {lo:.4f}-{hi:.4f} ms ({how}); val images {len(data.val_y)}; from-scratch recipe "
+          f"{args.train_epochs} epochs x {args.seeds} seeds\n")
+    print("| budget ms | method | predicted ms | measured ms | measured / budget | in [0.85, 1.0] | accuracy (CLI recipe) "
+          "| from scratch | uniform baseline at same latency | delta |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['budget_ms']:.4f} | {r['method']} | {r['predicted_ms']:.4f} | {r['measured_ms']:.4f} | {r['ratio']:.3f} | "
+              f"{'yes' if r['in_target'] else 'NO'} | {r['cli_accuracy']:.2%} | {r['scratch_accuracy']:.2%} | "
+              f"{r['baseline_accuracy']:.2%}{'' if r['baseline_interpolated'] else ' (extrapolated)'} | "
+              f"{100 * r['delta']:+.2f} pt |")
+    print("\n| uniform width | stage channels | measured ms | from scratch |")
+    print("|---|---|---|---|")
+    for b in base_rows:
+        print(f"| {b['width']:g} | {b['channels']} | {b['measured_ms']:.4f} | {b['accuracy']:.2%} |")
+    hits = sum(r["in_target"] for r in rows)
+    wins = sum(r["delta"] > 0 for r in rows)
+    print(f"\nin target band: {hits}/{len(rows)}; beat the uniform baseline: {wins}/{len(rows)}; "
+          f"total {result['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
