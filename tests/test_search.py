@@ -176,3 +176,13 @@ def test_verify_on_device_skips_candidates_outside_the_target(backend):
     assert v.measured["latency_ms"] < budget * 1.2
     for key in ("latency_ms", "p90_ms", "std_ms", "runs"):
         assert key in v.measured
+
+
+def test_latency_model_refuses_a_predictor_that_predicts_negative_latency(tmp_path):
+    import copy
+
+    doc = copy.deepcopy(KernelPredictor.for_device("epyc-2c-ort-t1").doc)
+    doc["overhead"]["coef"]["const"] = -1.0  # a calibration that extrapolates small networks below zero
+    with pytest.raises(DeployKitError, match=r"predicts no positive latency for \d+ of 200 .*refit it"):
+        build_latency_model(SPEC, KernelPredictor(doc), tmp_path / "lm.json", pretrain_n=200, progress=False)
+    assert not (tmp_path / "lm.json").exists()
