@@ -204,7 +204,7 @@ def _run(args) -> int:
 
     report = _report(args, settings, spec, data, arch, latency, found, verified, train_report, exported, (lo_ms, hi_ms, how),
                      timings, device_name)
-    _write_outputs(out, report, found, verified)
+    _write_outputs(out, report, found)
     m = report["measured_latency_ms"]
     print(f"{out}: {method} found an architecture of {report['predicted_latency_ms']:.4f} ms predicted"
           + (f", {m:.4f} ms measured ({m / args.budget_ms:.0%} of the {args.budget_ms:g} ms budget)" if m is not None
@@ -240,7 +240,7 @@ def _report(args, settings, spec, data, arch, latency, found, verified, train_re
     }
 
 
-def _write_outputs(out: Path, report: dict, found: dict, verified: dict) -> None:
+def _write_outputs(out: Path, report: dict, found: dict) -> None:
     from .fileio import atomic_write
 
     atomic_write(out / "arch.json", json.dumps(report["arch"], indent=1))
