@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .searchcli import register as register_search
 
     register_search(sub)
+    from .compresscli import register as register_compress
+
+    register_compress(sub)
     return ap
 
 
