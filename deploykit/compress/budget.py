@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DeployKitError
 from ..protocol import Measurement
-from .latency import TableModel, fast_count, measure, predict_ms
+from .latency import TableModel, fast_count, measure, predict_ms, to_onnx
 
 BAND = (0.9, 1.0)           # accepted measured latency, as a fraction of the budget
 AIM = 0.95                  # where inside the band to aim
@@ -107,9 +107,11 @@ def plan(model: nn.Module, example: torch.Tensor, predictor, observe) -> PrunePl
     scale = (full_ms - min_ms) / (table_full - table_min)
     offset = full_ms - scale * table_full
     curves = {g: table.curve(g) for g in full}
-    per_channel = {g: scale * max((curves[g][full[g]] - curves[g][min_keep[g]]) / max(full[g] - min_keep[g], 1), 0.0)
-                   for g in full}
-    linear = LinearLatency(full_ms - sum(per_channel[g] * full[g] for g in full), per_channel)
+    # Dagger's linear stand-in, through the same two observations: per-channel slopes of the curves, one factor
+    slope = {g: max((curves[g][full[g]] - curves[g][min_keep[g]]) / max(full[g] - min_keep[g], 1), 0.0) for g in full}
+    factor = (full_ms - min_ms) / max(sum(slope[g] * (full[g] - min_keep[g]) for g in full), 1e-12)
+    per_channel = {g: factor * slope[g] for g in full}
+    linear = LinearLatency(max(0.0, full_ms - sum(per_channel[g] * full[g] for g in full)), per_channel)
     return PrunePlan(graph, table, curves, min_keep, full, linear, scale, offset, full_ms, min_ms)
 
 
@@ -208,6 +210,16 @@ def prune_to_budget(model: nn.Module, example: torch.Tensor, predictor, backend,
                              f"pruning ({MIN_KEEP_FRACTION:.0%} of every prunable layer) runs in {p.min_ms:.4f} ms; "
                              "raise --budget-ms or use --method prune+int8")
     target_ms = AIM * budget_ms
+    full_proto = to_onnx(model, shape) if backend is not None else None
+
+    def observe_relative(net: nn.Module) -> float:
+        """An attempt's latency as its ratio to the full network measured just before it, times the full network's
+        first measurement: the machine's drift (10-30% on a shared host) hits both alike."""
+        if backend is None:
+            return predict_ms(predictor, net, shape)
+        ref_ms = measure(backend, full_proto, shape).latency_ms
+        return observe(net) / ref_ms * p.full_ms
+
     scores = scores_for(model, p, importance, data=data, aim_ms=target_ms, dagger_config=dagger_config,
                         progress=progress)
     shares = {g: float(scores[g].mean()) for g in p.full} if importance == "dagger" else None
@@ -226,7 +238,7 @@ def prune_to_budget(model: nn.Module, example: torch.Tensor, predictor, backend,
             counts = round_counts(p, allocate(p, aim, shares))
         tried.add(tuple(sorted(counts.items())))
         net = build(model, p.graph, counts, scores)
-        got = observe(net)
+        got = observe_relative(net)
         modelled = float(model_ms(p, [counts])[0])
         attempts.append({"aim_model_ms": aim, "model_ms": modelled, "observed_ms": got,
                          "measured": backend is not None, "channels": sum(counts.values())})

@@ -179,14 +179,14 @@ class TableModel:
 
 def fast_count(curve: np.ndarray, target: int, lo: int, hi: int, divisor: int = 1, window: float = 0.08) -> int:
     """Round `target` channels to a count the table shows to be fast, within +-`window` of it (multiples of
-    `divisor`): the widest count that costs no more than the target (channels for free), else the widest one at
-    least 3% cheaper below it (a step down the table's staircase), else the target itself."""
+    `divisor`): the widest count that costs no more than the target (channels for free), else the widest one below
+    it that is cheaper per channel by 3% or more (a step down the table's staircase), else the target itself."""
     target = max(lo, min(hi, target // divisor * divisor))
     span = max(divisor, int(round(window * target)))
     cand = [c for c in range(max(lo, target - span), min(hi, target + span) + 1) if c % divisor == 0]
     up = [c for c in cand if c > target and curve[c] <= curve[target]]
     if up:
         return max(up)
-    down = [c for c in cand if c < target and curve[c] < 0.97 * curve[target]]
+    down = [c for c in cand if c < target and curve[c] < 0.97 * curve[target] * c / target]
     return max(down) if down else target
 
