@@ -158,8 +158,12 @@ class TableModel:
                 self.full[g.id] = g.channels
         self.layers = list(layers.values())
 
+    use_macs = False  # set where the table is flat over these layers (tiny convs): MACs rank the widths instead
+
     def cost_ms(self, configs: list[dict[int, int]]) -> np.ndarray:
         """Table latency of the touched layers for each config of channel counts (one batched prediction)."""
+        if self.use_macs:
+            return self.macs(configs)
         kernels, owner = [], []
         for i, counts in enumerate(configs):
             for layer in self.layers:
@@ -170,6 +174,16 @@ class TableModel:
         out = np.zeros(len(configs))
         if kernels:
             np.add.at(out, np.array(owner), self.predictor.kernel_ms(kernels))
+        return out
+
+    def macs(self, configs: list[dict[int, int]]) -> np.ndarray:
+        """Multiply-accumulates of the touched layers per config: the fallback where the table is flat over them."""
+        out = np.zeros(len(configs))
+        for i, counts in enumerate(configs):
+            for layer in self.layers:
+                k = layer.kernel(counts, self.full)
+                if k is not None:
+                    out[i] += k.macs
         return out
 
     def curve(self, g: int) -> np.ndarray:
