@@ -135,7 +135,13 @@ class _Ctx:
     def accuracy(self, net) -> float | None:
         from .train import accuracy
 
-        return accuracy(net, self.data) if self.data is not None else None
+        if self.data is None:
+            return None
+        if net is self.loaded.module and self.loaded.kind == "export":  # eval() is refused: score its ONNX instead
+            from .compress.quant import onnx_accuracy
+
+            return onnx_accuracy(_original_onnx(self), self.data.val_x.numpy(), self.data.val_y.numpy())
+        return accuracy(net, self.data)
 
 
 def _is_int8(model) -> bool:
@@ -156,7 +162,7 @@ def _run(args) -> int:
     run_ = Run(ctx.out, settings)
     original = run_.done("original")
     if original is None:
-        original = run_.finish("original", {**ctx.latency(ctx.loaded.module), "accuracy": ctx.accuracy(ctx.loaded.module)})
+        original = run_.finish("original", {**ctx.latency(_original_onnx(ctx)), "accuracy": ctx.accuracy(ctx.loaded.module)})
     if args.method != "int8" and original["latency_ms"] <= args.budget_ms:
         raise DeployKitError(f"{ctx.loaded.source} already runs in {original['latency_ms']:.4f} ms on {ctx.device_name}, "
                              f"within the {args.budget_ms:g} ms budget: nothing to compress (lower --budget-ms)")

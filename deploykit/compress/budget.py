@@ -36,12 +36,9 @@ ALLOC_EXPONENT = 0.5        # halfway (in log share) between uniform and latency
 @dataclass
 class LinearLatency:
     """latency_ms ~= fixed_ms + sum_g ms_per_channel[g] * channels[g]: the table's per-channel costs, scaled through
-    the full and the narrowest network's observed latencies."""
+    the full and the narrowest network's observed latencies (Dagger's differentiable expected latency)."""
     fixed_ms: float
     ms_per_channel: dict[int, float]
-
-    def __call__(self, counts: dict[int, int]) -> float:
-        return self.fixed_ms + sum(self.ms_per_channel[g] * c for g, c in counts.items())
 
 
 @dataclass
