@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .compresscli import register as register_compress
 
     register_compress(sub)
+    from .exportcli import register as register_export
+
+    register_export(sub)
     return ap
 
 

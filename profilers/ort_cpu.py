@@ -25,8 +25,9 @@ _TRACE_WARMUP_RUNS = 3  # profiled runs whose node events are discarded
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix: str | None = None,
-                 optimized_path: str | None = None, level: str = "all"):
-    """An InferenceSession configured for repeatable timing (sequential, fixed threads)."""
+                 optimized_path: str | None = None, level: str = "all", load_format: str | None = None):
+    """An InferenceSession configured for repeatable timing (sequential, fixed threads); `load_format` "ORT" reads
+    bytes in the ORT format."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -45,6 +46,8 @@ def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix
         so.profile_file_prefix = profile_prefix
     if optimized_path:
         so.optimized_model_filepath = optimized_path
+    if load_format:
+        so.add_session_config_entry("session.load_model_format", load_format)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, so, providers=[PROVIDER])
@@ -91,6 +94,10 @@ class OrtCpuBackend(Backend):
 
     def measure(self, model: onnx.ModelProto, inputs: list[InputSpec], protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
         sess = make_session(model, self.threads, level=self.graph_optimization)
+        return run_protocol(self._runner(sess, inputs), protocol)
+
+    def measure_session(self, sess, inputs: list[InputSpec], protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
+        """End-to-end latency of a session made elsewhere (an ORT-format file: `make_session(..., load_format="ORT")`)."""
         return run_protocol(self._runner(sess, inputs), protocol)
 
     def measure_layers(self, model: onnx.ModelProto, inputs: list[InputSpec], end_to_end: Measurement | None = None) -> LayerProfile:
