@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dim (TensorRT: an optimisation "
                    "profile from 1 to --max-batch)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of a --dynamic-batch artifact (default 8)")
+    p.add_argument("--ort-style", choices=("fixed", "runtime"), default="fixed",
+                   help="--format ort: fixed bakes in every optimisation, this CPU's layout transforms included (fastest "
+                   "here); runtime keeps the file portable and saves the layout optimisations for a minimal build to "
+                   "apply on the device (a phone)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--data", help="'digits', an .npz with x (and y), or an image folder: INT8 calibration and the "
                    "verification inputs (default: random inputs)")
@@ -54,6 +58,7 @@ def run(args) -> int:
                               device=args.device, threads=args.threads, data=args.data, checkpoint=args.checkpoint,
                               verify_inputs=args.verify_inputs, update_table=args.update_table,
                               simplify=not args.no_simplify, measure=not args.no_measure, seed=args.seed,
+                              ort_style=args.ort_style,
                               log=(lambda msg: print(f"deploykit: {msg}", file=sys.stderr)) if args.verbose else None)
     except KeyboardInterrupt:
         print(f"deploykit: interrupted; {args.out} keeps the files already written: rerun the same command",

@@ -203,3 +203,12 @@ def test_cli_corrupt_onnx_is_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     assert "bad.onnx" in one_error_line(run_cli("export", "--model", bad, "--out", tmp_path / "o"))
+
+
+def test_ort_runtime_style_is_portable_and_verified(tmp_path):
+    result = export_model(resnet_basic(), INPUT_SHAPE, tmp_path, format="ort", ort_style="runtime", measure=False,
+                          verify_inputs=3)
+    assert result.passed
+    assert result.manifest["ort"]["style"] == "runtime" and result.manifest["ort"]["level"] == "extended"
+    with pytest.raises(DeployKitError, match="ORT optimisation style"):
+        export_model(resnet_basic(), INPUT_SHAPE, tmp_path / "x", format="ort", ort_style="eager", measure=False)

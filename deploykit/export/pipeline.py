@@ -161,7 +161,7 @@ def export_model(model, example_shape: tuple[int, ...] | None, out: str | os.Pat
                  precision: str = "fp32", dynamic_batch: bool = False, max_batch: int = 8, opset: int = convert.DEFAULT_OPSET,
                  device: str | None = None, threads: int = 1, data=None, checkpoint=None, verify_inputs: int = 16,
                  update_table: bool = False, simplify: bool = True, measure: bool = True, seed: int = 0,
-                 log=None) -> ExportResult:
+                 ort_style: str = "fixed", log=None) -> ExportResult:
     """Export, verify, measure and write `manifest.json` into `out`. `data`: images for INT8 calibration and
     verification (an (N, C, H, W) float32 array, or what `deploykit.data.load_dataset` reads: 'digits', an .npz,
     an image folder). Raises DeployKitError for the user's mistakes; a failed verification is returned
@@ -239,7 +239,10 @@ def export_model(model, example_shape: tuple[int, ...] | None, out: str | os.Pat
         artifact = Path(files.get(precision if precision != "fp32" else "onnx"))
     elif format == "ort":
         log("optimising for ONNX Runtime")
-        ort_files = convert.ort_optimize(model_for_format, out, stem)
+        ort_files = convert.ort_optimize(model_for_format, out, stem, style=ort_style)
+        if ort_style == "fixed":
+            notes.append("the .ort file has this CPU's layout optimisations baked in (style fixed): for another CPU "
+                         "(a phone) export with --ort-style runtime")
         files.update(ort_optimized_onnx=ort_files.optimized_onnx, ort=ort_files.ort)
         artifact = Path(ort_files.ort)
     else:
