@@ -50,7 +50,7 @@ def test_ort_format_is_verified_and_measured_against_plain_onnx_and_pytorch(tmp_
         assert cmp[k]["latency_ms"] > 0 and cmp[k]["runs"] >= 1 and cmp[k]["p90_ms"] >= cmp[k]["latency_ms"] * 0.5
     assert len(cmp["rounds_ms"]) == 3
     assert m["measured_latency_ms"] == cmp["artifact"]["latency_ms"]
-    assert cmp["slower_than_plain_onnx"] == (cmp["latency_ratio_vs_plain_onnx"] > 1.0)
+    assert cmp["slower_than_plain_onnx"] == (cmp["latency_ratio_vs_plain_onnx"] > 1.05)
     assert m["model_sha256"] == m["artifact"]["sha256"] and len(m["model_sha256"]) == 64
     assert m["input"] == {"name": "input", "shape": list(INPUT_SHAPE), "dtype": "float32", "dynamic_batch": False,
                           "batch_range": None}
