@@ -2,7 +2,8 @@
 
 `fit_predictor(table)` fits one regressor per kernel kind on the device table (the best of table
 interpolation, random forest, gradient-boosted trees and an MLP, chosen on held-out entries), then
-learns what kernels cost inside a network from the table's calibration networks (kind `net`).
+learns what kernels cost inside a network from the table's calibration networks (kind `net`, and the
+user models measured into the table by `deploykit.feedback`, kind `model`: end to end only).
 
 A kernel measured alone pays a session call and layout reorders of its own input and output that a
 network does not (a depthwise conv costs about half as much inside a network as alone), while a
@@ -57,6 +58,8 @@ def table_digest(table: LatencyTable) -> str:
     h = hashlib.sha256()
     for key in sorted(table.entries):
         h.update(f"{key}={table.entries[key].stats.median_ms:.9g}\n".encode())
+    for key in sorted(table.models):  # none in older tables: their digest is unchanged
+        h.update(f"{key}={table.models[key].stats.median_ms:.9g}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -252,18 +255,27 @@ class _CalNet:
     in_network_ms: np.ndarray | None  # per kernel; NaN where a runtime node spans several kernels (or fused)
 
 
-def _calibration_net(kinds: dict[str, KindRegressor], net: Kernel, measured_ms: float, layers: list | None,
-                     threads: int) -> _CalNet | None:
+def net_structure(net: Kernel, threads: int) -> dict:
+    """How a calibration network decomposes: its kernels (dicts, None where the table's kinds cannot stand for a
+    node), fused flags, and which kernel owns each ONNX node index (for per-layer profiles). Rebuilding the network
+    and decomposing it takes seconds; `fit_predictor` caches this beside the table (`net_cache_path`)."""
     model = net.build_onnx()
     inputs = [InputSpec(n, tuple(s), np.float32) for n, s in net.input_shapes().items()]
     dec = decompose(model, inputs, threads=threads)
-    if not dec.kernels or any(mk.kernel is None or mk.kernel.kind not in kinds for mk in dec.kernels):
+    index = {n.name: i for i, n in enumerate(model.graph.node)}
+    return {"kernels": [mk.kernel.to_dict() if mk.kernel is not None else None for mk in dec.kernels],
+            "fused": [bool(mk.fused) for mk in dec.kernels],
+            "owner": [[index[n], i] for i, mk in enumerate(dec.kernels) for n in mk.nodes if n in index]}
+
+
+def _calibration_net(kinds: dict[str, KindRegressor], net: Kernel, measured_ms: float, layers: list | None,
+                     structure: dict) -> _CalNet | None:
+    if not structure["kernels"] or any(k is None or k["kind"] not in kinds for k in structure["kernels"]):
         return None  # a calibration network the table cannot fully describe teaches nothing
-    ks, fused = [mk.kernel for mk in dec.kernels], [mk.fused for mk in dec.kernels]
+    ks, fused = [Kernel.from_dict(k) for k in structure["kernels"]], list(structure["fused"])
     in_net = None
     if layers:
-        index = {n.name: i for i, n in enumerate(model.graph.node)}
-        owner = {index[n]: i for i, mk in enumerate(dec.kernels) for n in mk.nodes if n in index}
+        owner = {int(j): int(i) for j, i in structure["owner"]}
         in_net = np.zeros(len(ks))
         shared = np.array(fused, dtype=bool)
         for _, ms, nodes in layers:  # runtime nodes covering no kernel (layout reorders) stay with the calibration
@@ -274,6 +286,65 @@ def _calibration_net(kinds: dict[str, KindRegressor], net: Kernel, measured_ms: 
                 shared[list(ids)] = True
         in_net[shared] = np.nan
     return _CalNet(net.key, measured_ms, ks, fused, _kernel_ms(kinds, ks, "<table>"), in_net)
+
+
+NET_CACHE_FORMAT = "deploykit-net-structures"
+
+
+def net_cache_path(table_path: Path) -> Path:
+    return Path(table_path).with_name(Path(table_path).name.removesuffix(".jsonl") + ".nets.json")
+
+
+def _structure_identity(threads: int) -> str:
+    """What a cached decomposition depends on: the code that builds, exports and decomposes the networks, the
+    exporter's torch version and the thread count. Any change makes the whole cache stale."""
+    import torch
+
+    from . import decompose as decompose_module
+    from . import graphmap, netfamilies, zoo
+    from .kernels import space
+
+    h = hashlib.sha256(f"{torch.__version__}|{onnx.__version__}|{threads}".encode())
+    for mod in (decompose_module, graphmap, netfamilies, zoo, space):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _net_structures(table: LatencyTable, nets: list[Kernel], threads: int, progress: bool) -> dict[str, dict]:
+    """The structure of every calibration network: from the cache beside the table where it is current, built (and
+    the cache rewritten atomically) otherwise. A read-only table folder just means no cache."""
+    path = net_cache_path(table.path)
+    ident = _structure_identity(threads)
+    cached: dict[str, dict] = {}
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") == NET_CACHE_FORMAT and doc.get("identity") == ident:
+            cached = doc["nets"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    todo = [k for k in nets if k.key not in cached]
+    for k in tqdm(todo, desc="calibration networks", unit="net", file=sys.stderr, disable=not progress or not todo,
+                  dynamic_ncols=True):
+        cached[k.key] = net_structure(k, threads)
+    if todo:
+        try:
+            atomic_write(path, json.dumps({"format": NET_CACHE_FORMAT, "identity": ident, "nets": cached},
+                                          separators=(",", ":")))
+        except OSError:
+            pass
+    return cached
+
+
+def _calibration_model(kinds: dict[str, KindRegressor], entry) -> _CalNet | None:
+    """A measured user model (`model` entry) as a calibration network: its stored kernel list, end to end only."""
+    try:
+        ks = [Kernel.from_dict(k) for k, _ in entry.kernels or []]
+    except ValueError:
+        return None  # a kind this deploykit does not know
+    if not ks or any(k.kind not in kinds for k in ks):
+        return None
+    fused = [bool(f) for _, f in entry.kernels]
+    return _CalNet(entry.key, entry.stats.median_ms, ks, fused, _kernel_ms(kinds, ks, "<table>"), None)
 
 
 def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegressor], dict, list[np.ndarray]]:
@@ -391,9 +462,10 @@ def fit_predictor(table: LatencyTable, *, seed: int = 0, progress: bool = True) 
         kinds[kind] = model
         selection[kind] = report
     threads = int(table.device.get("threads") or 1)
-    nets = [n for n in (_calibration_net(kinds, k, e.stats.median_ms, e.layers, threads)
-                        for k, e in tqdm(net_entries, desc="calibration networks", unit="net", file=sys.stderr,
-                                         disable=not progress or not net_entries, dynamic_ncols=True)) if n is not None]
+    structures = _net_structures(table, [k for k, _ in net_entries], threads, progress)
+    nets = [n for n in (_calibration_net(kinds, k, e.stats.median_ms, e.layers, structures[k.key])
+                        for k, e in net_entries) if n is not None]
+    nets += [n for n in (_calibration_model(kinds, e) for e in table.models.values()) if n is not None]
     measured = np.array([n.measured_ms for n in nets])
     context, context_report, estimates = fit_context(nets, seed) if nets else ({}, {}, [])
     coef, calib = fit_overhead(_net_rows(nets, estimates), measured)

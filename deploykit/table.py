@@ -6,6 +6,9 @@ measured kernel: {"key", "kernel", "median_ms", "p90_ms", "std_ms", "mean_ms", "
 "noisy", "measured_utc"}. A line is appended and flushed as soon as its measurement finishes, so a
 killed profile loses at most the measurement in flight; a torn last line (kill -9 during the write)
 is the only damage that is tolerated, and `repair` removes just that line. See latency_tables/FORMAT.md.
+
+Entries of kind `model` (a user's model measured end to end, `deploykit.feedback`) are not kernels: they
+are kept apart in `LatencyTable.models`, so everything that reads `entries` sees kernels and `net`s only.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ FORMAT = "deploykit-latency-table"
 FORMAT_VERSION = 1
 SUFFIX = ".jsonl"
 LOCAL_DIR = Path("latency_tables")
+MODEL_KIND = "model"  # a measured model (calibration only); never a Kernel
 
 
 @dataclass
@@ -38,17 +42,30 @@ class TableEntry:
     measured_utc: str = ""
     # calibration networks: [op_type, latency_ms, [indices of the original nodes it covers]] per node that ran
     layers: list | None = None
+    # `model` entries: [kernel dict, fused] per kernel of the model's decomposition
+    kernels: list | None = None
+
+    @property
+    def is_model(self) -> bool:
+        return self.kernel.get("kind") == MODEL_KIND
 
     def to_json(self) -> dict:
         d = {"key": self.key, "kernel": self.kernel, **self.stats.to_dict(), "spread": round(self.spread, 5),
              "noisy": self.noisy, "measured_utc": self.measured_utc}
-        return {**d, "layers": self.layers} if self.layers is not None else d
+        if self.layers is not None:
+            d["layers"] = self.layers
+        if self.kernels is not None:
+            d["kernels"] = self.kernels
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "TableEntry":
+        kernels = d.get("kernels")
+        if kernels is not None and not all(isinstance(k, list) and len(k) == 2 and isinstance(k[0], dict) for k in kernels):
+            raise ValueError("kernels must be [kernel, fused] pairs")
         return cls(key=str(d["key"]), kernel=dict(d["kernel"]), stats=LatencyStats.from_dict(d),
                    spread=float(d.get("spread", 0.0)), noisy=bool(d.get("noisy", False)),
-                   measured_utc=str(d.get("measured_utc", "")), layers=d.get("layers"))
+                   measured_utc=str(d.get("measured_utc", "")), layers=d.get("layers"), kernels=kernels)
 
 
 def utc_now() -> str:
@@ -59,7 +76,8 @@ def utc_now() -> str:
 class LatencyTable:
     path: Path
     header: dict
-    entries: dict[str, TableEntry] = field(default_factory=dict)
+    entries: dict[str, TableEntry] = field(default_factory=dict)  # kernels and calibration networks (`net`)
+    models: dict[str, TableEntry] = field(default_factory=dict)  # measured models (kind `model`), calibration only
     torn_tail: bool = False  # the file ends in a partial line from an interrupted write
 
     @property
@@ -105,7 +123,7 @@ class LatencyTable:
                     f"latency table {path} is corrupt at line {no}: restore it from a copy, or delete the line "
                     "(only a torn last line is repaired automatically)"
                 ) from None
-            table.entries[entry.key] = entry
+            table._store(entry)
         return table
 
     @staticmethod
@@ -115,7 +133,8 @@ class LatencyTable:
         except ValueError:
             header = None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise DeployKitError(f"{path} is not a deploykit latency table (bad header): pass a table written by `deploykit profile`")
+            raise DeployKitError(f"{path} is not a deploykit latency table (bad header): pass a table written by "
+                                 "`deploykit profile`")
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise DeployKitError(
@@ -154,12 +173,16 @@ class LatencyTable:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry.to_json(), sort_keys=True) + "\n")
             f.flush()  # in the kernel's hands now: survives kill -9 of this process
-        self.entries[entry.key] = entry
+        self._store(entry)
+
+    def _store(self, entry: TableEntry) -> None:
+        (self.models if entry.is_model else self.entries)[entry.key] = entry
 
     def write(self, path: str | os.PathLike | None = None) -> Path:
         """Write the whole table atomically (merge output, rewrites)."""
         path = Path(path) if path is not None else self.path
-        lines = [json.dumps(self.header, sort_keys=True)] + [json.dumps(e.to_json(), sort_keys=True) for e in self.entries.values()]
+        lines = [json.dumps(self.header, sort_keys=True)] + [json.dumps(e.to_json(), sort_keys=True)
+                                                             for e in (*self.entries.values(), *self.models.values())]
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, "\n".join(lines) + "\n")
         return path
@@ -184,6 +207,12 @@ class LatencyTable:
                 problems.append(f"entry {e.key}: implausible latency {s.to_dict()}")
             if "kind" not in e.kernel:
                 problems.append(f"entry {e.key}: kernel has no kind")
+        for e in self.models.values():
+            s = e.stats
+            if not (s.median_ms > 0 and s.p90_ms >= 0 and s.std_ms >= 0 and s.count >= 1):
+                problems.append(f"model entry {e.key}: implausible latency {s.to_dict()}")
+            if not e.kernels or any("kind" not in k for k, _ in e.kernels):
+                problems.append(f"model entry {e.key}: no kernel list (every kernel needs a kind)")
         if not self.entries:
             problems.append("table holds no measurements")
         return problems
@@ -211,10 +240,11 @@ def merge_tables(tables: list[LatencyTable], name: str | None = None, force: boo
                   merged_from=[str(t.path) for t in tables])
     merged = LatencyTable(path=base.path, header=header)
     for t in tables:
-        for key, e in t.entries.items():
-            old = merged.entries.get(key)
+        for key, e in (*t.entries.items(), *t.models.items()):
+            where = merged.models if e.is_model else merged.entries
+            old = where.get(key)
             if old is None or (e.stats.count, e.measured_utc) > (old.stats.count, old.measured_utc):
-                merged.entries[key] = e
+                where[key] = e
     return merged
 
 

@@ -386,7 +386,7 @@ def _closed_loop(source: Source, plain: onnx.ModelProto, artifact: Path, shape, 
 
             log("feeding the measurement back into the table")
             plain_measured = backend.measure(plain, inputs, MODEL_PROTOCOL)
-            loop["table_update"] = feed_back(device or table_name, plain, inputs, plain_measured, backend)
+            loop["table_update"] = feed_back(device or table_name, plain, inputs, plain_measured, backend, progress=True)
         elif update_table:
             loop["table_update"] = {"skipped": f"prediction within {UPDATE_THRESHOLD:.0%} of the measurement"}
     elif update_table:
