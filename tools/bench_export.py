@@ -10,6 +10,8 @@
 - precision: ResNet-style digits network (trained 3 epochs here) exported FP32 / FP16 / INT8 (onnx and ort formats):
              verification and latency against the plain FP32 ONNX.
 - bad:       the bad-input cases through the real CLI: exit code and the stderr line.
+- update:    `deploykit export --update-table` of a family the shipped table's predictor misses by more than 10%, run
+             from a scratch directory (the shipped table is copied there): prediction error before and after.
 Writes OUT/results.json and prints a summary. Timing on a shared machine is noisy: figures are medians of rounds.
 """
 from __future__ import annotations
@@ -127,6 +129,23 @@ def bad_inputs(out: Path) -> dict:
     return rows
 
 
+def update(out: Path, family: str = "mobilenet_v2") -> dict:
+    import shutil
+
+    work = out / "update_cwd"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "deploykit", "export", "--model", f"tests.export_models:{family}",
+                        "--example-shape", "1,3,32,32", "--update-table", "--out", str(work / "out")],
+                       capture_output=True, text=True, cwd=work, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    m = json.loads((work / "out" / "manifest.json").read_text()) if (work / "out" / "manifest.json").exists() else {}
+    row = {"exit": p.returncode, "prediction_error": m.get("prediction_error"), "table_update": m.get("table_update"),
+           "seconds": round(time.perf_counter() - t0, 1), "stderr_tail": p.stderr.splitlines()[-3:]}
+    print(f"update {family}: {row}", flush=True)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resolution", type=int, nargs="+", default=[32])
@@ -151,6 +170,8 @@ def main() -> int:
         save("precision", precision(args.out))
     if "bad" in parts:
         save("bad", bad_inputs(args.out))
+    if "update" in parts:
+        save("update", update(args.out))
     for key in sorted(k for k in results if k.startswith("families_")):
         f = results[key]
         print(f"{key}: {f['families']} families, all verified {f['all_verified']}, "

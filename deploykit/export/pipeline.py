@@ -195,6 +195,8 @@ def export_model(model, example_shape: tuple[int, ...] | None, out: str | os.Pat
     here = _device(device, format, threads, notes) if (measure or device is not None) else (None, None, None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # a manifest describes the files beside it: an earlier export's must not outlive this one's rewriting them
+    (out / "manifest.json").unlink(missing_ok=True)
 
     # 1. ONNX (simplified, FP32)
     if source.onnx_model is None:
