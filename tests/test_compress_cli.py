@@ -10,6 +10,7 @@ from tests.conftest import one_error_line, run_cli
 
 DEVICE = "epyc-2c-ort-t1"
 TINY = "tests.compress_models:tiny_resnet"
+PRUNED_SHAPE = "1,3,32,32"
 
 
 def _compress(out, *extra, model=TINY, method="prune", budget="0.05", shape="1,3,16,16"):
@@ -57,12 +58,14 @@ def test_int8_needs_data(tmp_path):
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "run"
-    # budget: 60% of the tiny network's latency on this machine, measured in the run itself
-    probe = _compress(out / "probe", "--data", "digits", budget="1000")
+    # budget: 60% of the tiny network's latency on this machine, measured in the run itself. 32x32 inputs: at 16x16
+    # the network runs in ~0.04 ms, mostly per-run overhead, and a noisy moment put even its narrowest pruning
+    # above 60% of the original
+    probe = _compress(out / "probe", "--data", "digits", budget="1000", shape=PRUNED_SHAPE)
     line = one_error_line(probe)
     original_ms = float(line.split(" runs in ")[1].split(" ms")[0])
     budget = f"{0.6 * original_ms:.5f}"
-    proc = _compress(out, "--data", "digits", "--finetune-epochs", "1", budget=budget)
+    proc = _compress(out, "--data", "digits", "--finetune-epochs", "1", budget=budget, shape=PRUNED_SHAPE)
     return out, proc, float(budget)
 
 
@@ -86,7 +89,7 @@ def test_prune_run_writes_a_verified_report(pruned_run):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["finetune"]["epochs"] == 1
     assert report["prune"]["attempts"] and report["prune"]["keep"]
     # the artifacts: ONNX runs in ONNX Runtime and agrees with the torch.export archive
-    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     sess = ort.InferenceSession(report["onnx_path"], providers=["CPUExecutionProvider"])
     y_onnx = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     y_torch = torch.export.load(report["model_path"]).module()(torch.from_numpy(x)).detach().numpy()
@@ -97,15 +100,17 @@ def test_prune_run_writes_a_verified_report(pruned_run):
 def test_prune_run_resumes_without_redoing_work(pruned_run):
     out, proc, budget = pruned_run
     before = json.loads((out / "run.json").read_text())
-    again = _compress(out, "--data", "digits", "--finetune-epochs", "1", budget=f"{budget:.5f}")
-    assert again.returncode == proc.returncode
+    again = _compress(out, "--data", "digits", "--finetune-epochs", "1", budget=f"{budget:.5f}", shape=PRUNED_SHAPE)
     after = json.loads((out / "run.json").read_text())
     assert after["phases"]["prune"] == before["phases"]["prune"]
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["resumed_from_epoch"] == 1
+    # the final latency is measured anew on resume, so a network pruned close to the budget may land on either side
+    assert again.returncode == (0 if report["within_budget"] else 2), again.stderr
 
 
 def test_other_settings_in_the_same_out_are_refused(pruned_run):
     out, _, budget = pruned_run
-    line = one_error_line(_compress(out, "--data", "digits", "--finetune-epochs", "2", budget=f"{budget:.5f}"))
+    line = one_error_line(_compress(out, "--data", "digits", "--finetune-epochs", "2", budget=f"{budget:.5f}",
+                                    shape=PRUNED_SHAPE))
     assert "finetune_epochs" in line
