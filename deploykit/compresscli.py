@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import DeployKitError
@@ -123,14 +122,13 @@ class _Ctx:
         hits both alike, so the speedup holds even where a single measurement moves by 10-30%. The median round of
         each is kept (with its distribution)."""
         from .compress.latency import measure, measurement_dict
+        from .protocol import alternate, round_ratio
 
-        pairs = [(measure(self.backend, original, self.shape), measure(self.backend, compressed, self.shape))
-                 for _ in range(rounds)]
-        pick = lambda ms: sorted(ms, key=lambda m: m.latency_ms)[len(ms) // 2]  # noqa: E731
-        a, b = pick([p[0] for p in pairs]), pick([p[1] for p in pairs])
-        return {"original": measurement_dict(a), "compressed": measurement_dict(b),
-                "rounds_ms": [[x.latency_ms, y.latency_ms] for x, y in pairs],
-                "speedup": float(np.median([x.latency_ms / y.latency_ms for x, y in pairs]))}
+        median, every = alternate({"original": lambda: measure(self.backend, original, self.shape),
+                                   "compressed": lambda: measure(self.backend, compressed, self.shape)}, rounds)
+        return {"original": measurement_dict(median["original"]), "compressed": measurement_dict(median["compressed"]),
+                "rounds_ms": [[r["original"].latency_ms, r["compressed"].latency_ms] for r in every],
+                "speedup": round_ratio(every, "original", "compressed")}
 
     def accuracy(self, net) -> float | None:
         from .train import accuracy

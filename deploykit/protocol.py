@@ -101,3 +101,16 @@ def run_protocol(run_once: Callable[[], float], protocol: Protocol = MODEL_PROTO
     spread = _spread(window)
     stats = LatencyStats.from_samples(samples, median_ms=float(np.median(window)))
     return Measurement(stats=stats, round_medians_ms=medians, spread=spread, noisy=spread > p.tolerance)
+
+
+def alternate(runners: dict[str, Callable[[], Measurement]], rounds: int = 3) -> tuple[dict[str, Measurement], list[dict]]:
+    """Every runner measured once per round, in turn, `rounds` times: the machine's drift (10-30% between single
+    measurements on a shared machine) hits all of them alike. Returns each runner's median round and all rounds."""
+    every = [{name: run() for name, run in runners.items()} for _ in range(rounds)]
+    median = {name: sorted((r[name] for r in every), key=lambda m: m.latency_ms)[rounds // 2] for name in runners}
+    return median, every
+
+
+def round_ratio(every: list[dict], a: str, b: str) -> float:
+    """Median over rounds of a's latency over b's in the same round: robust to drift between rounds."""
+    return float(np.median([r[a].latency_ms / r[b].latency_ms for r in every]))

@@ -72,13 +72,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """`1,3,224,224` (or 1x3x224x224) -> a shape of positive dims."""
+    from ..onnx_io import parse_shape as parse
+
     try:
-        dims = tuple(int(v) for v in str(text).replace("x", ",").split(","))
-    except ValueError:
-        dims = ()
-    if not dims or any(d < 1 for d in dims):
-        raise DeployKitError(f"--example-shape must be positive integers like 1,3,224,224, got {text!r}")
-    return dims
+        return parse(text)
+    except DeployKitError as e:
+        raise DeployKitError(f"--example-shape: {e}") from None
 
 
 # -- sources -----------------------------------------------------------------------------------------------------------
@@ -440,7 +439,7 @@ def _compare(source: Source, plain: onnx.ModelProto, artifact: Path, inputs, for
     """The artifact, the plain ONNX and (for a PyTorch source on the CPU) eager PyTorch, measured in alternation
     `COMPARE_ROUNDS` times: the machine's drift hits all alike. The median round of each is kept."""
     from ..compress.latency import measurement_dict
-    from ..protocol import MODEL_PROTOCOL
+    from ..protocol import MODEL_PROTOCOL, alternate, round_ratio
 
     runners = {"artifact": _artifact_runner(artifact, inputs, format, backend)}
     if artifact.name != "model.onnx" and not (format == "tensorrt" and precision == "fp32"):  # else: the same thing
@@ -449,15 +448,12 @@ def _compare(source: Source, plain: onnx.ModelProto, artifact: Path, inputs, for
         torch_backend = _torch_cpu(backend.threads)
         runners["pytorch_eager"] = lambda: torch_backend.measure_module(source.module, _tensor(np.zeros(inputs[0].shape,
                                                                                                         np.float32)))
-    rounds = [{k: run() for k, run in runners.items()} for _ in range(COMPARE_ROUNDS)]
-    out = {}
-    for k in runners:
-        ms = sorted((r[k] for r in rounds), key=lambda m: m.latency_ms)
-        out[k] = measurement_dict(ms[len(ms) // 2])
-    out["rounds_ms"] = [{k: m.latency_ms for k, m in r.items()} for r in rounds]
+    median, every = alternate(runners, COMPARE_ROUNDS)
+    out = {k: measurement_dict(m) for k, m in median.items()}
+    out["rounds_ms"] = [{k: m.latency_ms for k, m in r.items()} for r in every]
     for k, label in (("plain_onnx", "vs_plain_onnx"), ("pytorch_eager", "vs_pytorch_eager")):
-        if k in runners:  # median over rounds of the per-round ratio: robust to drift between rounds
-            out[f"latency_ratio_{label}"] = float(np.median([r["artifact"].latency_ms / r[k].latency_ms for r in rounds]))
+        if k in runners:
+            out[f"latency_ratio_{label}"] = round_ratio(every, "artifact", k)
     if "plain_onnx" in runners:
         out["slower_than_plain_onnx"] = out["latency_ratio_vs_plain_onnx"] > SLOWER_MARGIN
     return out
