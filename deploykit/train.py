@@ -45,18 +45,30 @@ def _save(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict) -
                            "model": net.state_dict(), "optimizer": opt.state_dict()})
 
 
-def _resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, settings: dict) -> dict:
+def load_training_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer, settings: dict, *,
+                        fmt: str = CHECKPOINT_FORMAT, version: int = CHECKPOINT_VERSION, what: str = "training checkpoint",
+                        max_epochs: int | None = None) -> dict:
+    """A per-epoch checkpoint's document, after checking it was written with `settings` (and holds at most
+    `max_epochs` epochs) and loading its model and optimizer state into `net` and `opt`."""
     fix = "delete it to train from the start"
-    doc = load_checkpoint_doc(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint", fix)
+    doc = load_checkpoint_doc(path, fmt, version, what, fix)
     for name, value in settings.items():
         if doc.get(name) != value:
-            raise DeployKitError(f"training checkpoint {path} was written with {name}={doc.get(name)!r}, not {value!r}: "
+            raise DeployKitError(f"{what} {path} was written with {name}={doc.get(name)!r}, not {value!r}: "
                                  f"pass the same settings to resume, or {fix}")
+    if max_epochs is not None and doc["epoch"] > max_epochs:
+        raise DeployKitError(f"{what} {path} already holds {doc['epoch']} epochs, more than epochs={max_epochs}: "
+                             f"pass epochs >= {doc['epoch']}, or {fix}")
     try:
         net.load_state_dict(doc["model"])
     except RuntimeError:
-        raise DeployKitError(f"training checkpoint {path} holds another network: {fix}") from None
+        raise DeployKitError(f"{what} {path} holds another network: {fix}") from None
     opt.load_state_dict(doc["optimizer"])
+    return doc
+
+
+def _resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, settings: dict) -> dict:
+    doc = load_training_state(path, net, opt, settings)
     return {"epoch": doc["epoch"], "epoch_losses": list(doc["epoch_losses"])}
 
 

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from ..data import DataSplit
 from ..errors import DeployKitError
-from ..fileio import load_checkpoint_doc, save_checkpoint
-from ..train import accuracy
+from ..fileio import save_checkpoint
+from ..train import accuracy, load_training_state
 
 SCHEMES = ("channel", "spatial")
 CHECKPOINT_FORMAT = "deploykit-trp-checkpoint"
@@ -430,20 +430,8 @@ def _project(layers: list[tuple[str, nn.Module, str]], scheme: str, energy: floa
 
 
 def _resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, settings: dict, epochs: int) -> dict:
-    fix = "delete it to train from the start"
-    doc = load_checkpoint_doc(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "TRP checkpoint", fix)
-    for name, value in settings.items():
-        if doc.get(name) != value:
-            raise DeployKitError(f"TRP checkpoint {path} was written with {name}={doc.get(name)!r}, not {value!r}: "
-                                 f"pass the same settings to resume, or {fix}")
-    if doc["epoch"] > epochs:
-        raise DeployKitError(f"TRP checkpoint {path} already holds {doc['epoch']} epochs, more than epochs={epochs}: "
-                             f"pass epochs >= {doc['epoch']}, or {fix}")
-    try:
-        net.load_state_dict(doc["model"])
-    except RuntimeError:
-        raise DeployKitError(f"TRP checkpoint {path} holds another network: {fix}") from None
-    opt.load_state_dict(doc["optimizer"])
+    doc = load_training_state(path, net, opt, settings, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                              what="TRP checkpoint", max_epochs=epochs)
     return {"epoch": doc["epoch"], "epoch_losses": list(doc["epoch_losses"]), "projections": doc["projections"]}
 
 
