@@ -173,7 +173,9 @@ def test_verify_on_device_skips_candidates_outside_the_target(backend):
     v = verify_on_device(SPEC, [(big, 0.92 * budget), (small, 0.9 * budget)], backend, budget, progress=False)
     assert v.tried[0]["arch"] == big.to_dict() and v.tried[0]["latency_ms"] > budget
     assert v.arch == small or not v.in_target  # timing noise may push it out; then the fastest is kept
-    assert v.measured["latency_ms"] < budget * 1.2
+    # the kept measurement is the small network's, not the big one's (a bound on the budget itself failed in CI when
+    # one measurement of this 0.03 ms network came out 1.7x the first: the machine's noise at this scale)
+    assert v.measured["latency_ms"] < v.tried[0]["latency_ms"]
     for key in ("latency_ms", "p90_ms", "std_ms", "runs"):
         assert key in v.measured
 
