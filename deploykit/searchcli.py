@@ -73,7 +73,6 @@ class Run:
                 raise DeployKitError(f"{out} holds a run with {k}={old.get(k)!r}, not {settings.get(k)!r}: repeat its "
                                      "command to resume it, or pass another --out")
             self.doc = doc
-        out.mkdir(parents=True, exist_ok=True)
 
     def done(self, phase: str) -> dict | None:
         return self.doc["phases"].get(phase)
@@ -82,6 +81,7 @@ class Run:
         from .fileio import atomic_write
 
         self.doc["phases"][phase] = result
+        self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps(self.doc, indent=1))
         return result
 
@@ -145,15 +145,20 @@ def _run(args) -> int:
     if backend is None:
         print(f"deploykit: warning: device {device_name} is not this machine ({why_not}): latencies are predicted only, "
               "nothing is measured", file=sys.stderr)
-    lo_ms, hi_ms, how = space_range_ms(spec, predictor, backend)
-    check_budget(args.budget_ms, spec, lo_ms, hi_ms, how, device_name)
-
     out = Path(args.out)
     settings = {"device": device_name, "budget_ms": args.budget_ms, "data": str(args.data), "method": method,
                 "space": spec.to_dict(), "epochs": epochs, "finetune_epochs": finetune_epochs, "seed": args.seed,
                 "width_mode": args.width_mode, "population": args.population, "generations": args.generations,
                 "latency_weight": args.latency_weight, "measure_n": args.measure_n if backend else 0}
-    run_ = Run(out, settings)
+    run_ = Run(out, settings)  # another run's directory is refused before anything is measured
+    # the feasible range is measured once: a resumed run keeps it, so timing noise cannot refuse a budget it accepted
+    recorded = run_.done("range")
+    if recorded is None:
+        lo_ms, hi_ms, how = space_range_ms(spec, predictor, backend)
+        check_budget(args.budget_ms, spec, lo_ms, hi_ms, how, device_name)
+        run_.finish("range", {"fastest_ms": lo_ms, "slowest_ms": hi_ms, "how": how})
+    else:
+        lo_ms, hi_ms, how = recorded["fastest_ms"], recorded["slowest_ms"], recorded["how"]
     progress = not args.no_progress
     timings = {}
 
