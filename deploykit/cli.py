@@ -9,11 +9,19 @@ from pathlib import Path
 from . import __version__
 from .errors import DeployKitError
 
+# what `pip install deploykit[full]` adds to the measuring part (`deploykit[agent]`)
+FULL_INSTALL_MODULES = {"torch", "sklearn", "tqdm", "matplotlib", "onnxsim", "onnxscript"}
+
 
 def _backend(args):
     from deploykit.profilers import get_backend
 
-    return get_backend(args.backend, threads=args.threads, precision=getattr(args, "precision", None))
+    options = {"threads": args.threads, "precision": getattr(args, "precision", None)}
+    if args.backend == "remote":
+        options.update(url=args.url, token_file=args.token_file, device_backend=args.remote_backend)
+    elif args.url or args.token_file:
+        raise DeployKitError(f"--url and --token-file go with --backend remote, not --backend {args.backend}")
+    return get_backend(args.backend, **options)
 
 
 def cmd_measure(args) -> int:
@@ -118,7 +126,7 @@ def cmd_predictor(args) -> int:
     from .predictor import KernelPredictor
 
     predictor = KernelPredictor.for_device(args.device)
-    backend = _backend_for_table(predictor.device)
+    backend = _backend_for_table(predictor.device, remote=args if args.backend == "remote" else None)
     rows = evaluate_models(predictor, Path(args.models), backend, allow_missing=args.allow_missing,
                            progress=not args.no_progress, force=args.force)
     report = {"device": predictor.doc["table"], "models_dir": str(args.models), **summarise(rows)}
@@ -138,12 +146,16 @@ def cmd_predictor(args) -> int:
     return 0
 
 
-def _backend_for_table(device: dict):
-    """The backend a table was measured with, configured as it was (threads, precision)."""
+def _backend_for_table(device: dict, remote=None):
+    """The backend a table was measured with, configured as it was (threads, precision); with `remote` (args with
+    url and token_file), that backend on the device's agent."""
     from deploykit.profilers import get_backend
 
-    return get_backend(device.get("backend", "ort-cpu"), threads=int(device.get("threads") or 1),
-                       precision=device.get("precision"))
+    name, threads, precision = device.get("backend", "ort-cpu"), int(device.get("threads") or 1), device.get("precision")
+    if remote is not None:
+        return get_backend("remote", threads=threads, precision=precision, url=remote.url,
+                           token_file=remote.token_file, device_backend=name)
+    return get_backend(name, threads=threads, precision=precision)
 
 
 def cmd_table(args) -> int:
@@ -244,14 +256,48 @@ def _quick_search(args, table_path: Path, backend, out: Path) -> int:
     return int(search_args.fn(search_args) or 0)
 
 
-def _add_backend_args(p, default_threads: int | None = 1) -> None:
-    p.add_argument("--backend", default="ort-cpu", help="device backend (see `deploykit backends`)")
+def _add_backend_args(p, default_threads: int | None = 1, default_backend: str | None = "ort-cpu") -> None:
+    p.add_argument("--backend", default=default_backend,
+                   help="device backend (see `deploykit backends`); remote: a device running `deploykit agent serve`")
     p.add_argument("--threads", type=int, default=default_threads, help="intra-op threads (default 1)")
     p.add_argument("--precision", default=None, help="fp32 (default) or fp16 on GPU backends")
+    add_remote_args(p)
+
+
+def add_remote_args(p) -> None:
+    p.add_argument("--url", help="with --backend remote: http://HOST:PORT of the device's agent")
+    p.add_argument("--token-file", help="with --backend remote: the agent's token file")
+    p.add_argument("--remote-backend", default="ort-cpu", help="with --backend remote: the backend on the device "
+                                                               "(default ort-cpu)")
+
+
+def _register_full(sub, module: str, name: str, help: str) -> None:
+    """Register a subcommand whose module needs the full install; on an agent-only install (no torch), a
+    placeholder that says how to get it."""
+    import importlib
+
+    try:
+        importlib.import_module(f".{module}", __package__).register(sub)  # imports come before add_parser there
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        p = sub.add_parser(name, help=f"{help} (needs the full install)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        missing = e.name
+        p.set_defaults(fn=lambda args: _needs_full(name, missing))
+
+
+def _needs_full(command: str, missing: str | None) -> int:
+    raise DeployKitError(_full_install_message(command, missing))
+
+
+def _full_install_message(command: str, missing: str | None) -> str:
+    return (f"`deploykit {command}` needs the full install (no module {missing!r} here, an agent-only install?): "
+            "pip install torch==2.13.0 && pip install 'deploykit[full]'")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .profile import DEFAULT_KERNELS, DEFAULT_MINUTES, DEFAULT_NETS
+    from .protocol import DEFAULT_KERNELS, DEFAULT_MINUTES, DEFAULT_NETS
 
     ap = argparse.ArgumentParser(prog="deploykit", description=__doc__)
     ap.add_argument("--version", action="version", version=f"deploykit {__version__}")
@@ -301,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/predictor-eval", help="where evaluation.json and the plot go")
     q.add_argument("--allow-missing", action="store_true")
     q.add_argument("--force", action="store_true", help="evaluate even if this machine differs from the table's device")
+    q.add_argument("--backend", choices=("remote",), help="remote: measure on the device's agent (--url, --token-file) "
+                                                          "instead of here")
+    add_remote_args(q)
     q.add_argument("--json", action="store_true")
     q.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_predictor)
@@ -337,28 +386,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_quickstart)
 
-    from .archcli import register as register_arch_predictor
-
-    register_arch_predictor(sub)
-    from .searchcli import register as register_search
-
-    register_search(sub)
-    from .compresscli import register as register_compress
-
-    register_compress(sub)
+    _register_full(sub, "archcli", "arch-predictor", "architecture-level latency MLP for a search space")
+    _register_full(sub, "searchcli", "search", "search an architecture under a latency budget")
+    _register_full(sub, "compresscli", "compress", "prune, decompose or quantize a model under a latency budget")
     from .exportcli import register as register_export
 
     register_export(sub)
+    from .agentcli import register as register_agent
+
+    register_agent(sub)
+    return ap
+
+
+def _agent_parser() -> argparse.ArgumentParser:
+    """`deploykit agent ...` alone: on a small device, starting the agent must not import torch or scikit-learn
+    (seconds on a Raspberry Pi) even where they are installed."""
+    from .agentcli import register as register_agent
+
+    ap = argparse.ArgumentParser(prog="deploykit")
+    register_agent(ap.add_subparsers(dest="cmd", required=True))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = (_agent_parser() if argv[:1] == ["agent"] else build_parser()).parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except DeployKitError as e:
         print(f"deploykit: error: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        print(f"deploykit: error: {_full_install_message(args.cmd, e.name)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("deploykit: interrupted", file=sys.stderr)
         return 130

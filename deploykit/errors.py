@@ -9,3 +9,8 @@ class DeployKitError(Exception):
 
 class InternalError(RuntimeError):
     """A deploykit bug: an invariant broke. Never raised for bad user input."""
+
+
+class TransportError(DeployKitError):
+    """The measuring device cannot be reached or refuses the client (not the model): a long job stops here, with what
+    it has written kept, instead of counting the model as rejected."""

@@ -34,6 +34,10 @@ def register(subparsers) -> None:
                    "verification inputs (default: random inputs)")
     p.add_argument("--device", help="device table (name or path): predicted latency and the backend to measure on "
                    "(default: this machine, with a table recorded on it if there is one)")
+    p.add_argument("--backend", choices=("remote",), help="remote: measure on a device running `deploykit agent "
+                                                          "serve` (--url, --token-file) instead of here")
+    p.add_argument("--url", help="with --backend remote: http://HOST:PORT of the device's agent")
+    p.add_argument("--token-file", help="with --backend remote: the agent's token file")
     p.add_argument("--threads", type=int, default=1, help="CPU threads when measuring without --device (default 1)")
     p.add_argument("--verify-inputs", type=int, default=16, help="inputs the artifact is checked on (default 16)")
     p.add_argument("--update-table", action="store_true", help="when measured and predicted latency differ by more "
@@ -50,6 +54,9 @@ def run(args) -> int:
 
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     shape = parse_shape(args.example_shape) if args.example_shape else None
+    if (args.url or args.token_file) and args.backend != "remote":
+        raise DeployKitError("--url and --token-file go with --backend remote")
+    remote = {"url": args.url, "token_file": args.token_file} if args.backend == "remote" else None
     if args.opset < 13:
         raise DeployKitError(f"--opset {args.opset} is too old: use 13 or later (default 17)")
     try:
@@ -58,7 +65,7 @@ def run(args) -> int:
                               device=args.device, threads=args.threads, data=args.data, checkpoint=args.checkpoint,
                               verify_inputs=args.verify_inputs, update_table=args.update_table,
                               simplify=not args.no_simplify, measure=not args.no_measure, seed=args.seed,
-                              ort_style=args.ort_style,
+                              ort_style=args.ort_style, remote=remote,
                               log=(lambda msg: print(f"deploykit: {msg}", file=sys.stderr)) if args.verbose else None)
     except KeyboardInterrupt:
         print(f"deploykit: interrupted; {args.out} keeps the files already written: rerun the same command",

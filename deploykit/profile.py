@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import DeployKitError
+from .errors import DeployKitError, TransportError
 from .kernels import Kernel, propose_adaptive, sample_kernels
 from .onnx_io import InputSpec
-from .protocol import KERNEL_PROTOCOL, Protocol
+from .protocol import DEFAULT_KERNELS, DEFAULT_MINUTES, DEFAULT_NETS, KERNEL_PROTOCOL, Protocol
 from .table import LatencyTable, TableEntry, utc_now
 
-DEFAULT_KERNELS = 3000
-DEFAULT_MINUTES = 15.0
 PRIOR_SHARE = 0.65  # the rest is spent where latency changes fast (adaptive sampling)
 ADAPTIVE_BATCH = 100
 PRIOR_CHUNK = 250
-DEFAULT_NETS = 60  # calibration networks measured after the kernels (about a minute)
 NET_RESOLUTIONS = (64, 96, 128, 160, 192, 224)
 
 
@@ -138,6 +135,8 @@ def _measure_into(table: LatencyTable, backend, kernel: Kernel, protocol: Protoc
     model, inputs = kernel.build_onnx(), kernel_inputs(kernel)
     try:
         m = backend.measure(model, inputs, protocol)
+    except TransportError:
+        raise  # the device is unreachable, not the kernel at fault: stop here, --resume carries on
     except DeployKitError:
         return False
     layers = _net_layers(backend, model, inputs, m) if kernel.kind == "net" else None
@@ -150,6 +149,8 @@ def _net_layers(backend, model, inputs, end_to_end) -> list | None:
     """[op_type, latency_ms, [original node indices]] per node the runtime ran; None without a per-layer profiler."""
     try:
         prof = backend.measure_layers(model, inputs, end_to_end=end_to_end)
+    except TransportError:
+        raise
     except (DeployKitError, NotImplementedError):
         return None
     index = {n.name: i for i, n in enumerate(model.graph.node)}

@@ -42,6 +42,11 @@ KERNEL_PROTOCOL = Protocol(
     max_runs_per_round=1000, tolerance=0.05, max_rounds=6,
 )
 
+# What `deploykit profile` measures by default (here, so the command line can name them without importing the profiler).
+DEFAULT_KERNELS = 3000
+DEFAULT_MINUTES = 15.0
+DEFAULT_NETS = 60  # calibration networks measured after the kernels (about a minute)
+
 
 @dataclass
 class Measurement:

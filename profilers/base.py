@@ -55,6 +55,9 @@ class Backend(ABC):
     name: ClassVar[str] = "?"
     default_precision: ClassVar[str] = "fp32"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    # Called between timed runs, outside the timing, by backends that honour it (ort-cpu): the measurement agent
+    # stops a measurement there once it runs past its time limit or its client has gone away.
+    between_runs: Callable[[], None] | None = None
 
     def __init__(self, threads: int | None = None, precision: str | None = None):
         from deploykit.errors import DeployKitError

@@ -84,8 +84,11 @@ class OrtCpuBackend(Backend):
     def _runner(self, sess, inputs: list[InputSpec]):
         feeds = random_feeds(inputs)
         run = sess.run
+        between = self.between_runs
 
         def run_once() -> float:
+            if between is not None:
+                between()
             t0 = time.perf_counter()
             run(None, feeds)
             return (time.perf_counter() - t0) * 1000.0

@@ -161,10 +161,11 @@ def export_model(model, example_shape: tuple[int, ...] | None, out: str | os.Pat
                  precision: str = "fp32", dynamic_batch: bool = False, max_batch: int = 8, opset: int = convert.DEFAULT_OPSET,
                  device: str | None = None, threads: int = 1, data=None, checkpoint=None, verify_inputs: int = 16,
                  update_table: bool = False, simplify: bool = True, measure: bool = True, seed: int = 0,
-                 ort_style: str = "fixed", log=None) -> ExportResult:
+                 ort_style: str = "fixed", remote: dict | None = None, log=None) -> ExportResult:
     """Export, verify, measure and write `manifest.json` into `out`. `data`: images for INT8 calibration and
     verification (an (N, C, H, W) float32 array, or what `deploykit.data.load_dataset` reads: 'digits', an .npz,
-    an image folder). Raises DeployKitError for the user's mistakes; a failed verification is returned
+    an image folder). `remote` ({"url", "token_file"}): measure on that device's agent (`deploykit agent serve`)
+    instead of here. Raises DeployKitError for the user's mistakes; a failed verification is returned
     (`result.passed` False, manifest written) rather than raised, so the caller decides."""
     t_start = time.monotonic()
     log = log or (lambda msg: None)
@@ -174,6 +175,9 @@ def export_model(model, example_shape: tuple[int, ...] | None, out: str | os.Pat
         raise DeployKitError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if max_batch < 1 or verify_inputs < 1 or threads < 1:
         raise DeployKitError("--max-batch, --verify-inputs and --threads must be at least 1")
+    if remote is not None and format == "tensorrt" and measure:
+        raise DeployKitError("--backend remote measures ONNX and ORT artifacts: build a TensorRT engine on its GPU "
+                             "(run deploykit export there), or pass --no-measure")
     if format == "tensorrt":  # before any work: no TensorRT or no GPU is one line, not a half-written DIR
         from .tensorrt_engine import check_tensorrt
 
@@ -191,7 +195,7 @@ def export_model(model, example_shape: tuple[int, ...] | None, out: str | os.Pat
                              "--dynamic-batch")
     notes: list[str] = []
     files: dict[str, str] = {}
-    here = _device(device, format, threads, notes) if (measure or device is not None) else (None, None, None)
+    here = _device(device, format, threads, notes, remote) if (measure or device is not None) else (None, None, None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # a manifest describes the files beside it: an earlier export's must not outlive this one's rewriting them
@@ -395,11 +399,12 @@ def _closed_loop(source: Source, plain: onnx.ModelProto, artifact: Path, shape, 
     return loop
 
 
-def _device(device: str | None, format: str, threads: int, notes: list[str]):
+def _device(device: str | None, format: str, threads: int, notes: list[str], remote: dict | None = None):
     """(predictor or None, table name or None, backend measuring here or None).
 
     With `device`, its table's predictor, and its backend when the table's device is this machine. Without, the
     format's backend on this machine, and the predictor of a table (local or shipped) recorded on this very device.
+    With `remote`, the device is the agent's: it must be the table's device, and measures there.
     """
     from ..fingerprint import mismatches
     from ..predictor import KernelPredictor
@@ -408,7 +413,25 @@ def _device(device: str | None, format: str, threads: int, notes: list[str]):
     from ..table import LatencyTable, local_tables, shipped_tables
 
     want = "tensorrt" if format == "tensorrt" else "ort-cpu"
-    if device is not None:
+    if remote is not None:
+        predictor = KernelPredictor.for_device(device) if device is not None else None
+        dev = predictor.device if predictor is not None else {}
+        backend = get_backend("remote", threads=int(dev.get("threads") or threads), precision=dev.get("precision"),
+                              url=remote["url"], token_file=remote["token_file"], device_backend=want)
+        fp = backend.fingerprint()
+        if predictor is not None:
+            name = predictor.doc.get("table", device)
+            diff = mismatches(predictor.device, fp)
+            if diff:
+                raise DeployKitError(f"the agent at {backend.url} is not the device of table {name} ({diff[0]}): point "
+                                     "--url at that device, or pass its own table as --device")
+            notes.append(f"measured on the agent at {backend.url}")
+            return predictor, name, backend
+        notes.append(f"measured on the agent at {backend.url}")
+        device_fp = fp
+    else:
+        device_fp = None
+    if device is not None and remote is None:
         predictor = KernelPredictor.for_device(device)
         name = predictor.doc.get("table", device)
         if predictor.device.get("backend") != want:
@@ -421,13 +444,14 @@ def _device(device: str | None, format: str, threads: int, notes: list[str]):
             print(f"deploykit: warning: device {name} is not this machine ({why_not}): the artifact is predicted, not "
                   "measured", file=sys.stderr)
         return predictor, name, backend
-    backend = get_backend(want, threads=threads)
-    fp = backend.fingerprint()
+    if device_fp is None:
+        backend = get_backend(want, threads=threads)
+    fp = device_fp or backend.fingerprint()
     for name, path in {**shipped_tables(), **local_tables()}.items():
         try:
             table = LatencyTable.load(path)
             if not mismatches(table.device, fp):
-                notes.append(f"predicted with table {name}, recorded on this device")
+                notes.append(f"predicted with table {name}, recorded on " + ("the agent's device" if device_fp else "this device"))
                 return KernelPredictor.for_device(str(path)), name, backend
         except DeployKitError:
             continue
@@ -444,7 +468,7 @@ def _compare(source: Source, plain: onnx.ModelProto, artifact: Path, inputs, for
     runners = {"artifact": _artifact_runner(artifact, inputs, format, backend)}
     if artifact.name != "model.onnx" and not (format == "tensorrt" and precision == "fp32"):  # else: the same thing
         runners["plain_onnx"] = lambda: backend.measure(plain, inputs, MODEL_PROTOCOL)
-    if source.module is not None and format != "tensorrt" and source.kind != "export":
+    if source.module is not None and format != "tensorrt" and source.kind != "export" and backend.name != "remote":
         torch_backend = _torch_cpu(backend.threads)
         runners["pytorch_eager"] = lambda: torch_backend.measure_module(source.module, _tensor(np.zeros(inputs[0].shape,
                                                                                                         np.float32)))
@@ -466,6 +490,9 @@ def _artifact_runner(artifact: Path, inputs, format: str, backend):
         from .tensorrt_engine import measure_engine
 
         return lambda: measure_engine(artifact, inputs[0].shape, MODEL_PROTOCOL)
+    if artifact.suffix == ".ort" and backend.name == "remote":  # the agent takes ONNX: the same optimised graph
+        model = onnx.load(str(artifact.with_suffix(".opt.onnx")))
+        return lambda: backend.measure(model, inputs, MODEL_PROTOCOL)
     if artifact.suffix == ".ort":
         sess = convert.ort_session(artifact, backend.threads, level=backend.graph_optimization)
         return lambda: backend.measure_session(sess, inputs, MODEL_PROTOCOL)
