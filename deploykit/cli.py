@@ -42,13 +42,17 @@ def cmd_measure(args) -> int:
         print(json.dumps(out))
         return 0
     print(f"{args.model}: {out['latency_ms']:.3f} ms median  (p90 {out['p90_ms']:.3f}, std {out['std_ms']:.3f}, "
-          f"cv {out['cv']:.3f}, {out['runs']} runs in {out['rounds']} rounds)  [{backend.name}, {backend.threads} thread(s)]")
+          f"cv {out['cv']:.3f}, {out['runs']} runs in {out['rounds']} rounds)  [{_where(backend)}, {backend.threads} thread(s)]")
     if args.per_layer:
         print(f"{'layer':<60} {'op':<18} {'ms':>9}  sources")
         for layer in sorted(out["layers"], key=lambda x: -x["latency_ms"]):
             print(f"{layer['name'][:60]:<60} {layer['op_type'][:18]:<18} {layer['latency_ms']:9.4f}  {len(layer['source_nodes'])}")
         print(f"layers sum {out['layers_sum_ms']:.3f} ms = {out['sum_ratio']:.3f} x end-to-end ({out['correction']})")
     return 0
+
+
+def _where(backend) -> str:
+    return f"{backend.device_backend} on {backend.url}" if backend.name == "remote" else backend.name
 
 
 def cmd_profile(args) -> int:
@@ -256,8 +260,8 @@ def _quick_search(args, table_path: Path, backend, out: Path) -> int:
     return int(search_args.fn(search_args) or 0)
 
 
-def _add_backend_args(p, default_threads: int | None = 1, default_backend: str | None = "ort-cpu") -> None:
-    p.add_argument("--backend", default=default_backend,
+def _add_backend_args(p, default_threads: int | None = 1) -> None:
+    p.add_argument("--backend", default="ort-cpu",
                    help="device backend (see `deploykit backends`); remote: a device running `deploykit agent serve`")
     p.add_argument("--threads", type=int, default=default_threads, help="intra-op threads (default 1)")
     p.add_argument("--precision", default=None, help="fp32 (default) or fp16 on GPU backends")
@@ -399,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _agent_parser() -> argparse.ArgumentParser:
-    """`deploykit agent ...` alone: on a small device, starting the agent must not import torch or scikit-learn
-    (seconds on a Raspberry Pi) even where they are installed."""
+    """`deploykit agent ...` alone: its command line needs none of the search, compression and export modules (torch,
+    scikit-learn: seconds to import on a Raspberry Pi). The backends the agent offers are probed once, at start."""
     from .agentcli import register as register_agent
 
     ap = argparse.ArgumentParser(prog="deploykit")

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from deploykit.errors import DeployKitError, TransportError
+from deploykit.fingerprint import mismatches
 from deploykit.onnx_io import InputSpec
 from deploykit.protocol import MODEL_PROTOCOL, Measurement, Protocol
 from deploykit.wire import (
@@ -108,8 +109,12 @@ class RemoteBackend(Backend):
         reply = self._request("POST", "/v1/measure", body,
                               {"Content-Type": "application/octet-stream", REQUEST_HEADER: json.dumps(req)})
         self.last_seconds = reply.get("seconds", {})
-        if self._fingerprint is None and reply.get("fingerprint"):
-            self._fingerprint = reply["fingerprint"]
+        theirs = reply.get("fingerprint") or {}
+        if self._fingerprint is None:
+            self._fingerprint = theirs
+        elif mismatches(self._fingerprint, theirs):  # the URL now reaches another device (an agent moved, a new port)
+            raise TransportError(f"the agent at {self.url} now measures another device "
+                                 f"({mismatches(self._fingerprint, theirs)[0]}): point --url at the device this run began on")
         return reply
 
     def _connection(self) -> http.client.HTTPConnection:
