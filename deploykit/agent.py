@@ -254,7 +254,8 @@ class Agent:
 
         return self.queue.submit(job).result()
 
-    def measure(self, model, req: dict, sock) -> dict:
+    def measure(self, model, body: bytes, req: dict, sock) -> dict:
+        """`model` is `body` parsed (and checked by parse_onnx)."""
         from .onnx_io import InputSpec
 
         import numpy as np
@@ -282,7 +283,8 @@ class Agent:
                     e2e = measurement_from_wire(req["end_to_end"]) if req.get("end_to_end") else None
                     prof = backend.measure_layers(model, inputs, end_to_end=e2e)
                     return {"measurement": None, "layers": layers_to_wire(prof)}
-                return {"measurement": measurement_to_wire(backend.measure(model, inputs, protocol)), "layers": None}
+                sent = body if backend.measures_bytes else model  # 40 ms less for a 40 MB model than re-serializing
+                return {"measurement": measurement_to_wire(backend.measure(sent, inputs, protocol)), "layers": None}
             except (Refused, _Gone):
                 raise
             except NotImplementedError:
@@ -378,8 +380,8 @@ def _handler_class(agent: Agent):
                 return {"fingerprint": agent.backend(req).fingerprint()}
             if (self.command, path) == ("POST", "/v1/measure"):
                 req = parse_request(self.headers.get(REQUEST_HEADER))
-                model = parse_onnx(self._body(agent.max_model_bytes))
-                return agent.measure(model, req, self.connection)
+                body = self._body(agent.max_model_bytes)
+                return agent.measure(parse_onnx(body), body, req, self.connection)
             raise Refused("not_found", f"no {self.command} {path}: the agent serves GET /v1/info, POST /v1/fingerprint, "
                                        "POST /v1/measure")
 

@@ -58,6 +58,8 @@ class Backend(ABC):
     # Called between timed runs, outside the timing, by backends that honour it (ort-cpu): the measurement agent
     # stops a measurement there once it runs past its time limit or its client has gone away.
     between_runs: Callable[[], None] | None = None
+    # measure() also takes the model's serialized bytes (the agent then skips re-serializing what it received)
+    measures_bytes: ClassVar[bool] = False
 
     def __init__(self, threads: int | None = None, precision: str | None = None):
         from deploykit.errors import DeployKitError

@@ -59,6 +59,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix
 @register_backend("ort-cpu")
 class OrtCpuBackend(Backend):
     graph_optimization = "all"
+    measures_bytes = True  # make_session takes bytes as they are
 
     @classmethod
     def check_available(cls) -> None:
@@ -95,7 +96,8 @@ class OrtCpuBackend(Backend):
 
         return run_once
 
-    def measure(self, model: onnx.ModelProto, inputs: list[InputSpec], protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
+    def measure(self, model: onnx.ModelProto | bytes, inputs: list[InputSpec],
+                protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
         sess = make_session(model, self.threads, level=self.graph_optimization)
         return run_protocol(self._runner(sess, inputs), protocol)
 
