@@ -183,6 +183,20 @@ def _client_gone(sock) -> bool:
 
 # -- the agent --------------------------------------------------------------------------------
 
+def _probe_backends() -> dict:
+    """Each backend's name -> "ok", or why it cannot run on this device."""
+    from .profilers import backend_class, list_backends
+
+    available = {}
+    for name in list_backends():
+        try:
+            backend_class(name).check_available()
+            available[name] = "ok"
+        except DeployKitError as e:
+            available[name] = str(e)
+    return available
+
+
 class Agent:
     def __init__(self, token: bytes, *, max_model_bytes: int, max_measure_s: float, read_timeout_s: float,
                  max_queue: int = DEFAULT_MAX_QUEUE, log=None):
@@ -198,18 +212,10 @@ class Agent:
         self.served = 0
         self.refused: Counter = Counter()
         self._backends: dict = {}
+        self.available = _probe_backends()  # once: probing imports torch where it is installed
 
     def info(self) -> dict:
-        from .profilers import backend_class, list_backends
-
-        backends = {}
-        for name in list_backends():
-            try:
-                backend_class(name).check_available()
-                backends[name] = "ok"
-            except DeployKitError as e:
-                backends[name] = str(e)
-        return {"protocol": PROTOCOL_VERSION, "deploykit_version": __version__, "backends": backends,
+        return {"protocol": PROTOCOL_VERSION, "deploykit_version": __version__, "backends": self.available,
                 "limits": {"max_model_bytes": self.max_model_bytes, "max_measure_s": self.max_measure_s,
                            "read_timeout_s": self.read_timeout_s, "max_queue": self.max_queue},
                 "queued": self.waiting, "served": self.served, "refused": dict(self.refused)}
@@ -462,8 +468,7 @@ def serve(host: str, port: int, token_file, **limits) -> int:
               file=sys.stderr, flush=True)
     server, agent = make_server(host, port, token, **limits)
     bound_host, bound_port = server.server_address[:2]
-    info = agent.info()
-    ok = [name for name, why in info["backends"].items() if why == "ok" and name != "remote"]
+    ok = [name for name, why in agent.available.items() if why == "ok" and name != "remote"]
     where = ("localhost only: pass --host 0.0.0.0 to accept other machines" if _loopback(host) else
              "reachable from the network over plain HTTP: use it on a trusted network or through an SSH tunnel")
     print(f"deploykit agent {__version__}: serving on http://{bound_host}:{bound_port} ({where}); protocol "
