@@ -5,7 +5,8 @@ The wire protocol is in `deploykit.wire`. What keeps the device safe:
 
 - every request is authenticated with a shared token (compared in constant time) before its body is read;
 - only ONNX bytes are accepted, with a size limit, and a model that refers to files (external data) is refused:
-  nothing from the client names a path, a pickle or code on the device;
+  nothing from the client names a path, a pickle or code on the device (weights marked for the agent to fill are
+  filled from memory, and count against the size limit);
 - one measurement at a time, in arrival order (a queue of bounded length), so two never share the device's cores;
 - reading a request is bounded by --read-timeout-s, a measurement by --max-measure-s, and a measurement whose client
   has gone away stops at its next run instead of holding the device.
@@ -37,7 +38,11 @@ from .wire import (
     PROTOCOL_VERSION,
     REQUEST_HEADER,
     STATUS,
+    fill_arrays,
+    fill_bytes,
+    fill_specs,
     layers_to_wire,
+    materialize,
     measurement_from_wire,
     measurement_to_wire,
     protocol_from_wire,
@@ -96,9 +101,10 @@ def read_token(path: str | os.PathLike | None) -> bytes:
 
 # -- checking what a client sends -------------------------------------------------------------
 
-def _tensors(graph):
-    """Every TensorProto of a graph, its node attributes and subgraphs."""
-    yield from graph.initializer
+def _tensors(graph, initializers: bool = True):
+    """Every TensorProto of a graph (but its initializers when told so), its node attributes and subgraphs."""
+    if initializers:
+        yield from graph.initializer
     for sp in graph.sparse_initializer:
         yield sp.values
         yield sp.indices
@@ -117,9 +123,10 @@ def _attr_tensors(attributes):
             yield from _tensors(g)
 
 
-def parse_onnx(body: bytes):
-    """The ModelProto in `body`, or Refused("not_onnx"). A model with external data would make the runtime open a
-    path the client chose: refused too."""
+def parse_onnx(body: bytes, fill_weights: bool = False):
+    """(the ModelProto in `body`, the initializers the agent is to fill), or Refused("not_onnx"). A model with
+    external data would make the runtime open a path the client chose: refused too, but for the initializers
+    marked for filling (wire.strip_weights) when the request asked for `fill_weights`."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -132,14 +139,20 @@ def parse_onnx(body: bytes):
     if model.ir_version < 3 or not model.opset_import or not model.HasField("graph") or not model.graph.node:
         raise Refused("not_onnx", "the body is not an ONNX model (no graph, IR version or opset): send the .onnx "
                                   "file's bytes")
-    tensors = list(_tensors(model.graph))
+    specs = []
+    if fill_weights:  # every external top-level initializer must be one the agent fills
+        try:
+            specs = fill_specs(model)
+        except ValueError as e:
+            raise Refused("not_onnx", f"{e}: the agent fills only what wire.strip_weights marks") from None
+    tensors = list(_tensors(model.graph, initializers=not fill_weights))
     for fn in model.functions:
         for node in fn.node:
             tensors.extend(_attr_tensors(node.attribute))
     if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
         raise Refused("not_onnx", "the model keeps tensors in external files: the agent loads nothing from its disk; "
                       "save the model with its weights inside (onnx.save(model, f, save_as_external_data=False))")
-    return model
+    return model, specs
 
 
 def parse_request(header: str | None) -> dict:
@@ -165,6 +178,8 @@ def parse_request(header: str | None) -> dict:
             n *= d
         if n > MAX_INPUT_ELEMENTS:
             raise Refused("bad_request", f"input {spec['name']} has {n} elements, above the agent's {MAX_INPUT_ELEMENTS}")
+    if not isinstance(req.get("fill_weights", False), bool):
+        raise Refused("bad_request", "fill_weights must be true or false")
     try:
         req["protocol_obj"] = protocol_from_wire(req.get("protocol") or {})
     except (ValueError, TypeError) as e:
@@ -260,11 +275,16 @@ class Agent:
 
         return self.queue.submit(job).result()
 
-    def measure(self, model, body: bytes, req: dict, sock) -> dict:
-        """`model` is `body` parsed (and checked by parse_onnx)."""
+    def measure(self, model, fill: list, body: bytes, req: dict, sock) -> dict:
+        """`model` is `body` parsed and `fill` the initializers to fill (both from parse_onnx)."""
         from .onnx_io import InputSpec
 
         import numpy as np
+
+        if fill and len(body) + fill_bytes(fill) > self.max_model_bytes:
+            raise Refused("too_large", f"the model with its filled weights is {len(body) + fill_bytes(fill)} bytes, "
+                                       f"above the agent's limit of {self.max_model_bytes} bytes (start it with a "
+                                       "larger --max-model-mb)")
 
         inputs = [InputSpec(s["name"], tuple(s["shape"]), np.dtype(s["dtype"]).type) for s in req["inputs"]]
         protocol = req["protocol_obj"]
@@ -284,12 +304,20 @@ class Agent:
 
         def work() -> dict:
             backend.between_runs = between_runs
+            sent = body if backend.measures_bytes else model  # 40 ms less for a 40 MB model than re-serializing
+            if fill:  # made here, so that only the running measurement holds them
+                t0 = time.monotonic()
+                if backend.takes_initializers:
+                    backend.initializers = fill_arrays(fill)
+                else:
+                    materialize(model, fill_arrays(fill))
+                    sent = model
+                fill_s[0] = time.monotonic() - t0
             try:
                 if req.get("per_layer"):
                     e2e = measurement_from_wire(req["end_to_end"]) if req.get("end_to_end") else None
                     prof = backend.measure_layers(model, inputs, end_to_end=e2e)
                     return {"measurement": None, "layers": layers_to_wire(prof)}
-                sent = body if backend.measures_bytes else model  # 40 ms less for a 40 MB model than re-serializing
                 return {"measurement": measurement_to_wire(backend.measure(sent, inputs, protocol)), "layers": None}
             except (Refused, _Gone):
                 raise
@@ -300,9 +328,12 @@ class Agent:
                 raise Refused("runtime_rejected", f"the device's runtime cannot run the model: {first}") from None
             finally:
                 backend.between_runs = None
+                backend.initializers = None
 
+        fill_s = [0.0]
         result, queued_s, measure_s = self.run_job(work, sock)
-        return {**result, "fingerprint": backend.fingerprint(), "seconds": {"queued": queued_s, "measure": measure_s}}
+        return {**result, "fingerprint": backend.fingerprint(),
+                "seconds": {"queued": queued_s, "measure": measure_s, "fill": fill_s[0]}}
 
 
 def _handler_class(agent: Agent):
@@ -387,7 +418,8 @@ def _handler_class(agent: Agent):
             if (self.command, path) == ("POST", "/v1/measure"):
                 req = parse_request(self.headers.get(REQUEST_HEADER))
                 body = self._body(agent.max_model_bytes)
-                return agent.measure(parse_onnx(body), body, req, self.connection)
+                model, fill = parse_onnx(body, fill_weights=req.get("fill_weights", False))
+                return agent.measure(model, fill, body, req, self.connection)
             raise Refused("not_found", f"no {self.command} {path}: the agent serves GET /v1/info, POST /v1/fingerprint, "
                                        "POST /v1/measure")
 

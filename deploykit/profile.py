@@ -72,6 +72,15 @@ def profile_device(backend, path: Path, name: str, *, kernels: int = DEFAULT_KER
         except ValueError as e:
             raise DeployKitError(f"--kinds: {e}") from None
     table = open_table(path, name, backend.fingerprint(), protocol, resume)
+    arbitrary, backend.weights_are_arbitrary = backend.weights_are_arbitrary, True  # kernels carry random weights
+    try:
+        return _profile(backend, table, name, kernels, minutes, seed, protocol, progress, kinds, nets)
+    finally:
+        backend.weights_are_arbitrary = arbitrary
+
+
+def _profile(backend, table: LatencyTable, name: str, kernels: int, minutes: float, seed: int, protocol: Protocol,
+             progress: bool, kinds: list[str] | None, nets: int) -> ProfileResult:
     start = time.monotonic()
     deadline = start + minutes * 60.0
     # Separate generators: the prior plan depends only on the seed, so a resumed run replays it.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import onnx
@@ -60,6 +60,13 @@ class Backend(ABC):
     between_runs: Callable[[], None] | None = None
     # measure() also takes the model's serialized bytes (the agent then skips re-serializing what it received)
     measures_bytes: ClassVar[bool] = False
+    # Initializers the model marks external and the caller supplies from memory (name -> numpy array), for the
+    # backends that can take them (takes_initializers): the agent's filled weights (deploykit.wire.fill_arrays).
+    takes_initializers: ClassVar[bool] = False
+    initializers: Mapping[str, Any] | None = None
+    # Set by a caller whose models carry random weights (the profiler's kernels): their values may be replaced by
+    # others of the backend's choosing. The remote backend then sends large weights as shapes, not bytes.
+    weights_are_arbitrary: bool = False
 
     def __init__(self, threads: int | None = None, precision: str | None = None):
         from deploykit.errors import DeployKitError

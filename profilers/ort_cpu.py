@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -25,9 +26,10 @@ _TRACE_WARMUP_RUNS = 3  # profiled runs whose node events are discarded
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix: str | None = None,
-                 optimized_path: str | None = None, level: str = "all", load_format: str | None = None):
+                 optimized_path: str | None = None, level: str = "all", load_format: str | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None):
     """An InferenceSession configured for repeatable timing (sequential, fixed threads); `load_format` "ORT" reads
-    bytes in the ORT format."""
+    bytes in the ORT format. `initializers` supplies, from memory, the model's initializers marked external."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -48,9 +50,15 @@ def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix
         so.optimized_model_filepath = optimized_path
     if load_format:
         so.add_session_config_entry("session.load_model_format", load_format)
+    values = []
+    if initializers:
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
+        so.add_external_initializers(list(initializers), values)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
-        return ort.InferenceSession(data, so, providers=[PROVIDER])
+        sess = ort.InferenceSession(data, so, providers=[PROVIDER])
+        sess._deploykit_initializers = (initializers, values)  # the runtime reads their memory for the session's life
+        return sess
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DeployKitError(f"ONNX Runtime cannot load the model ({first}): export it with a supported opset/ops") from None
@@ -60,6 +68,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int, *, profile_prefix
 class OrtCpuBackend(Backend):
     graph_optimization = "all"
     measures_bytes = True  # make_session takes bytes as they are
+    takes_initializers = True
 
     @classmethod
     def check_available(cls) -> None:
@@ -98,7 +107,7 @@ class OrtCpuBackend(Backend):
 
     def measure(self, model: onnx.ModelProto | bytes, inputs: list[InputSpec],
                 protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
-        sess = make_session(model, self.threads, level=self.graph_optimization)
+        sess = make_session(model, self.threads, level=self.graph_optimization, initializers=self.initializers)
         return run_protocol(self._runner(sess, inputs), protocol)
 
     def measure_session(self, sess, inputs: list[InputSpec], protocol: Protocol = MODEL_PROTOCOL) -> Measurement:
@@ -127,7 +136,7 @@ class OrtCpuBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="deploykit-prof-") as tmp:
             opt_path = os.path.join(tmp, "optimised.onnx")
             sess = make_session(model, self.threads, profile_prefix=os.path.join(tmp, "trace"),
-                                optimized_path=opt_path, level=self.graph_optimization)
+                                optimized_path=opt_path, level=self.graph_optimization, initializers=self.initializers)
             run_once = self._runner(sess, inputs)
             for _ in range(_TRACE_WARMUP_RUNS):
                 run_once()  # dropped from the trace below

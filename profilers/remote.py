@@ -26,6 +26,7 @@ from deploykit.wire import (
     layers_from_wire,
     measurement_from_wire,
     measurement_to_wire,
+    strip_weights,
 )
 
 from . import register_backend
@@ -99,12 +100,18 @@ class RemoteBackend(Backend):
     def _measure_request(self, model: onnx.ModelProto, inputs: list[InputSpec], extra: dict) -> dict:
         req = {**self._config, "inputs": [{"name": s.name, "shape": [int(d) for d in s.shape],
                                            "dtype": np.dtype(s.dtype).name} for s in inputs], **extra}
+        filled = 0
+        if self.weights_are_arbitrary:  # large random weights travel as shapes; the agent fills them
+            model, filled = strip_weights(model)
+            if filled:
+                req["fill_weights"] = True
         body = model.SerializeToString()
-        if len(body) > _ASK_LIMIT_ABOVE:  # a large upload: learn the agent's limit first rather than send it in vain
+        size = len(body) + filled  # what the agent holds either way
+        if size > _ASK_LIMIT_ABOVE:  # a large model: learn the agent's limit first rather than send it in vain
             if self._max_model_bytes is None:
                 self._max_model_bytes = int(self.info()["limits"]["max_model_bytes"])
-            if len(body) > self._max_model_bytes:
-                raise TransportError(f"the model is {len(body)} bytes, above the {self._max_model_bytes} bytes the agent "
+            if size > self._max_model_bytes:
+                raise TransportError(f"the model is {size} bytes, above the {self._max_model_bytes} bytes the agent "
                                      f"at {self.url} accepts: restart it with a larger --max-model-mb")
         reply = self._request("POST", "/v1/measure", body,
                               {"Content-Type": "application/octet-stream", REQUEST_HEADER: json.dumps(req)})

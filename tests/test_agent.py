@@ -21,7 +21,7 @@ from deploykit.fingerprint import mismatches
 from deploykit.onnx_io import input_specs
 from deploykit.profilers import get_backend
 from deploykit.protocol import KERNEL_PROTOCOL, Protocol
-from deploykit.wire import PROTOCOL_HEADER, REQUEST_HEADER
+from deploykit.wire import FILL_LOCATION, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_HEADER, fill_specs, strip_weights
 
 from .conftest import one_error_line, run_cli
 
@@ -71,7 +71,7 @@ def raw(url: str, method: str, path: str, body: bytes | None = None, headers: di
 
 
 def good_headers(token: Path, request: dict | None = None) -> dict:
-    h = {"Authorization": f"Bearer {token.read_text().strip()}", PROTOCOL_HEADER: "1"}
+    h = {"Authorization": f"Bearer {token.read_text().strip()}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
     if request is not None:
         h[REQUEST_HEADER] = json.dumps(request)
     return h
@@ -140,7 +140,8 @@ def test_bad_requests_are_refused_and_the_agent_keeps_serving(agent, token, remo
     url = agent[0]
     body = conv_model().SerializeToString()
     served_before = remote.info()["served"]
-    bad_token = {"Authorization": "Bearer " + "x" * 43, PROTOCOL_HEADER: "1", REQUEST_HEADER: json.dumps(MEASURE_REQ)}
+    bad_token = {"Authorization": "Bearer " + "x" * 43, PROTOCOL_HEADER: str(PROTOCOL_VERSION),
+                 REQUEST_HEADER: json.dumps(MEASURE_REQ)}
     external = conv_model()
     w = external.graph.initializer[0]
     w.ClearField("raw_data")
@@ -151,7 +152,8 @@ def test_bad_requests_are_refused_and_the_agent_keeps_serving(agent, token, remo
     unknown_op.graph.node[1].op_type, unknown_op.graph.node[1].domain = "NoSuchOp", "com.example"
     unknown_op.opset_import.append(helper.make_opsetid("com.example", 1))
     cases = [
-        ("no token", {PROTOCOL_HEADER: "1", REQUEST_HEADER: json.dumps(MEASURE_REQ)}, body, 401, "unauthorized"),
+        ("no token", {PROTOCOL_HEADER: str(PROTOCOL_VERSION), REQUEST_HEADER: json.dumps(MEASURE_REQ)}, body, 401,
+         "unauthorized"),
         ("wrong token", bad_token, body, 401, "unauthorized"),
         ("protocol 99", {**good_headers(token, MEASURE_REQ), PROTOCOL_HEADER: "99"}, body, 400, "protocol_version"),
         ("oversized", good_headers(token, MEASURE_REQ), b"\0" * (5 << 20), 413, "too_large"),
@@ -166,7 +168,7 @@ def test_bad_requests_are_refused_and_the_agent_keeps_serving(agent, token, remo
     for name, headers, payload, status, code in cases:
         got_status, doc = raw(url, "POST", "/v1/measure", payload, headers)
         assert (got_status, doc.get("code")) == (status, code), (name, doc)
-        assert doc["protocol"] == 1 and doc["error"]
+        assert doc["protocol"] == PROTOCOL_VERSION and doc["error"]
     # a truncated model: refused, as not ONNX or as a model the runtime cannot load
     got_status, doc = raw(url, "POST", "/v1/measure", body[: len(body) // 2], good_headers(token, MEASURE_REQ))
     assert got_status in (415, 422) and doc["code"] in ("not_onnx", "runtime_rejected")
@@ -177,6 +179,69 @@ def test_bad_requests_are_refused_and_the_agent_keeps_serving(agent, token, remo
     assert info["refused"]["unauthorized"] >= 3 and info["refused"]["not_onnx"] >= 2
     model = conv_model()
     assert remote.measure(model, input_specs(model), QUICK).latency_ms > 0  # still serving
+
+
+# -- filled weights: large random weights travel as shapes -------------------------------------
+
+def test_strip_weights_sends_shapes_and_leaves_the_model_alone():
+    model = conv_model(256, 8)  # 2.4 MB of weights
+    before = model.SerializeToString()
+    stripped, left_out = strip_weights(model)
+    assert model.SerializeToString() == before  # the caller's model is untouched
+    assert left_out == 256 * 256 * 9 * 4 and len(stripped.SerializeToString()) < 2000
+    assert fill_specs(stripped) == [("w", (256, 256, 3, 3), TensorProto.FLOAT)]
+    assert [n.op_type for n in stripped.graph.node] == ["Conv", "Relu"] and stripped.opset_import == model.opset_import
+    small = conv_model(8, 16)  # 2.3 KB: sent as it is
+    assert strip_weights(small) == (small, 0)
+
+
+def test_filled_weights_are_measured_per_model_and_per_layer(agent, token):
+    model = conv_model(256, 8)
+    specs = input_specs(model)
+    for device_backend in ("ort-cpu", "torch-cpu"):  # the runtime takes them from memory / they are written in
+        b = get_backend("remote", threads=1, url=agent[0], token_file=str(token), device_backend=device_backend)
+        b.weights_are_arbitrary = True
+        assert b.measure(model, specs, QUICK).latency_ms > 0
+        if device_backend == "ort-cpu":
+            prof = b.measure_layers(model, specs)
+            assert any("conv" in layer.source_nodes for layer in prof.layers) and prof.end_to_end_ms > 0
+        b.close()
+    big = conv_model(384, 4)  # 5.3 MB sent as shapes still counts against the agent's 4 MB
+    b = get_backend("remote", threads=1, url=agent[0], token_file=str(token))
+    b.weights_are_arbitrary = True
+    with pytest.raises(TransportError, match="above the 4194304 bytes the agent.*--max-model-mb"):
+        b.measure(big, input_specs(big), QUICK)
+    b.close()
+
+
+def marked(model: onnx.ModelProto, location: str = FILL_LOCATION, data_type: int | None = None) -> bytes:
+    w = model.graph.initializer[0]
+    w.ClearField("raw_data")
+    del w.float_data[:]
+    if data_type is not None:
+        w.data_type = data_type
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value=location)
+    return model.SerializeToString()
+
+
+def test_bad_fill_requests_are_refused(agent, token):
+    fill = {**MEASURE_REQ, "fill_weights": True}
+    huge = conv_model()
+    del huge.graph.initializer[0].dims[:]
+    huge.graph.initializer[0].dims.extend([4096, 4096, 3, 3])  # 600 MB to fill
+    cases = [
+        ("a path, with fill_weights", fill, marked(conv_model(), "/etc/passwd"), 415, "not_onnx"),
+        ("an int64 tensor", fill, marked(conv_model(), data_type=TensorProto.INT64), 415, "not_onnx"),
+        ("marked, without fill_weights", MEASURE_REQ, marked(conv_model()), 415, "not_onnx"),
+        ("above the limit once filled", fill, marked(huge), 413, "too_large"),
+        ("fill_weights not a bool", {**fill, "fill_weights": "yes"}, marked(conv_model()), 400, "bad_request"),
+    ]
+    for name, req, payload, status, code in cases:
+        got_status, doc = raw(agent[0], "POST", "/v1/measure", payload, good_headers(token, req))
+        assert (got_status, doc.get("code")) == (status, code), (name, doc)
+    got_status, doc = raw(agent[0], "POST", "/v1/measure", marked(conv_model()), good_headers(token, fill))
+    assert got_status == 200 and doc["measurement"]["stats"]["median_ms"] > 0  # the same, well formed
 
 
 def test_client_messages(agent, token, tmp_path, monkeypatch):
@@ -199,9 +264,10 @@ def test_client_messages(agent, token, tmp_path, monkeypatch):
 
     import deploykit.profilers.remote as client
 
-    monkeypatch.setattr(client, "PROTOCOL_VERSION", 2)  # a newer client against this agent
+    monkeypatch.setattr(client, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)  # a newer client against this agent
     b = get_backend("remote", threads=1, url=agent[0], token_file=str(token), retry_s=0)
-    with pytest.raises(TransportError, match="speaks deploykit protocol 1, this client 2.*same deploykit version"):
+    with pytest.raises(TransportError, match=f"speaks deploykit protocol {PROTOCOL_VERSION}, this client "
+                                             f"{PROTOCOL_VERSION + 1}.*same deploykit version"):
         b.fingerprint()
     monkeypatch.undo()
     unknown_op = conv_model()

@@ -9,11 +9,16 @@
              (median over rounds of the per-round ratio) and whether it is within +-3% (target).
 - overhead:  N kernels (`--kernels`, default 150) drawn with seed 0 by the profiler's own prior sampler
              (`sample_kernels` on the prior generator `deploykit profile` uses), each measured locally and through the
-             agent under KERNEL_PROTOCOL, kernel by kernel, the order alternating. Protocol overhead of one kernel =
-             client wall time of the remote measure - the agent's own measure time (`last_seconds["measure"]`):
-             serialisation, upload, queueing, reply and parsing. The client's serialisation is also paid by a local
-             measurement (inside its session creation), so the excess over local is that overhead minus it; both
-             are reported, with each kernel's model size (kernels above 10 MB of weights are listed). Targets: <= 20 ms for every kernel (median, p90,
+             agent under KERNEL_PROTOCOL, kernel by kernel, the order alternating. As `deploykit profile` does, the
+             client sends weights of 64 KB or more as shapes for the agent to fill (protocol v2). Protocol overhead of
+             one kernel = client wall time of the remote measure - the agent's own measure time
+             (`last_seconds["measure"]`) + the agent's filling of the weights (inside its measure time, but no local
+             step): stripping, serialisation, upload, queueing, the agent's ONNX check, filling, reply and parsing.
+             A local measurement also serialises the whole model (inside its session creation), so the excess over
+             local is that overhead minus the whole model's serialisation; both are reported, with each kernel's
+             model size (kernels above 10 MB of weights are listed). The same kernels are then measured again with
+             their weights uploaded (`overhead_weights_sent`, what `measure` and `export` send of a user's model).
+             Targets: <= 20 ms for every kernel (median, p90,
              max, how many exceed), and remote / local total wall time <= 1.10 ("remote profiling of the default kernel
              space takes at most 10% longer than local"); the full default space (3000 kernels) is extrapolated from
              the N kernels. As the order alternates, half the remote requests follow another remote request at once
@@ -23,7 +28,8 @@
              a few seconds), the profile's own kernel seconds, and the ratio of wall times.
 - bad:       raw HTTP requests (http.client) against an agent of its own started with --max-model-mb 1: no token,
              wrong token, protocol version 99, a 2 MB body, a non-ONNX body, a truncated ONNX model, a model with
-             external data pointing at /etc/passwd, an op the runtime lacks, an unknown path: expected and received
+             external data pointing at /etc/passwd (plain, and with fill_weights asked), weights marked for filling
+             that would take 4.7 MB, an op the runtime lacks, an unknown path: expected and received
              status and code. Then a real measurement through RemoteBackend (the agent still serves), the agent's
              `refused` counts, and that `served` did not grow for the refused requests.
 Writes OUT/results.json (every figure, the command line, timestamps) and prints a summary. Timing on a shared machine
@@ -135,13 +141,14 @@ def agreement(out: Path, url: str, token: Path, rounds: int) -> dict:
 
 # -- overhead -----------------------------------------------------------------------------------
 
-def overhead(out: Path, url: str, token: Path, n: int) -> dict:
+def overhead(out: Path, url: str, token: Path, n: int, fill: bool = True) -> dict:
     from deploykit.errors import DeployKitError
     from deploykit.kernels import sample_kernels
     from deploykit.profile import kernel_inputs
     from deploykit.protocol import KERNEL_PROTOCOL
 
     local, remote = backends(url, token)
+    remote.weights_are_arbitrary = fill  # as `deploykit profile` sets it: large random weights travel as shapes
     remote.fingerprint()  # connect once outside the timing, as a profile does before its first kernel
     kernels = sample_kernels(n, np.random.default_rng([0, 0]))  # profile_device's prior generator for --seed 0
     rows, failed = [], []
@@ -164,8 +171,11 @@ def overhead(out: Path, url: str, token: Path, n: int) -> dict:
             m = remote.measure(model, inputs, KERNEL_PROTOCOL)
             wall = time.perf_counter() - t0
             agent_s = remote.last_seconds
+            # the agent's filling of the weights is inside its measure time, but a local measurement has no such
+            # step: counted as overhead
             row.update(remote_s=wall, remote_ms=m.latency_ms, agent_measure_s=agent_s["measure"],
-                       agent_queued_s=agent_s["queued"], overhead_ms=(wall - agent_s["measure"]) * 1000.0)
+                       agent_queued_s=agent_s["queued"], agent_fill_ms=agent_s.get("fill", 0.0) * 1000.0,
+                       overhead_ms=(wall - agent_s["measure"] + agent_s.get("fill", 0.0)) * 1000.0)
 
         try:
             for run in ((run_local, run_remote) if i % 2 == 0 else (run_remote, run_local)):
@@ -188,7 +198,8 @@ def overhead(out: Path, url: str, token: Path, n: int) -> dict:
     local_s, remote_s = sum(r["local_s"] for r in rows), sum(r["remote_s"] for r in rows)
     back = np.array([r["after_remote"] for r in rows])
     per_kernel_ratio = np.array([r["remote_ms"] / r["local_ms"] for r in rows])
-    res = {"kernels": n, "measured": len(rows), "failed": failed, "seed": 0,
+    res = {"kernels": n, "measured": len(rows), "failed": failed, "seed": 0, "weights": "filled" if fill else "sent",
+           "agent_fill_ms_max": max(r["agent_fill_ms"] for r in rows),
            "overhead_ms": {"median": float(np.median(ov)), "p90": float(np.percentile(ov, 90)), "max": float(ov.max()),
                            "mean": float(ov.mean())},
            # the order alternates, so about half the remote requests follow another one at once, as in a profile
@@ -213,7 +224,7 @@ def overhead(out: Path, url: str, token: Path, n: int) -> dict:
            "kernel_latency_ratio_median": float(np.median(per_kernel_ratio)),
            "rows": rows}
     o = res["overhead_ms"]
-    print(f"overhead per kernel: median {o['median']:.2f} ms, p90 {o['p90']:.2f}, max {o['max']:.2f} "
+    print(f"weights {res['weights']}: overhead per kernel: median {o['median']:.2f} ms, p90 {o['p90']:.2f}, max {o['max']:.2f} "
           f"({res['over_target']} of {len(rows)} above {OVERHEAD_TARGET_MS:g} ms; median right after a remote request "
           f"{res['overhead_ms_median_after_remote']:.2f}, after a local one {res['overhead_ms_median_after_local']:.2f}); "
           f"beyond local (the client's serialization, which local measurement pays too, subtracted): median "
@@ -265,15 +276,18 @@ def _conv_model():
     return model
 
 
-def _external_data_model():
+def _external_data_model(location: str = "/etc/passwd", dims: tuple[int, ...] | None = None):
     from onnx import TensorProto
 
     model = _conv_model()
     w = model.graph.initializer[0]
     w.ClearField("raw_data")
+    if dims is not None:
+        del w.dims[:]
+        w.dims.extend(dims)
     w.data_location = TensorProto.EXTERNAL
     entry = w.external_data.add()
-    entry.key, entry.value = "location", "/etc/passwd"
+    entry.key, entry.value = "location", location
     return model
 
 
@@ -325,6 +339,8 @@ def bad(out: Path, token: Path) -> dict:
     auth = {"Authorization": f"Bearer {read_token(token).decode()}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
     measure = {**auth, REQUEST_HEADER: json.dumps(req), "Content-Type": "application/octet-stream"}
     no_token = {k: v for k, v in measure.items() if k != "Authorization"}
+    fill = {**measure, REQUEST_HEADER: json.dumps({**req, "fill_weights": True})}
+    from deploykit.wire import FILL_LOCATION
     cases = {  # name -> (method, path, body, headers, expected statuses, expected codes)
         "no token": ("POST", "/v1/measure", good_bytes, no_token, (401,), ("unauthorized",)),
         "wrong token": ("POST", "/v1/measure", good_bytes, {**measure, "Authorization": "Bearer " + "x" * 43}, (401,),
@@ -337,6 +353,11 @@ def bad(out: Path, token: Path) -> dict:
                            ("not_onnx", "runtime_rejected")),
         "external data -> /etc/passwd": ("POST", "/v1/measure", _external_data_model().SerializeToString(), measure,
                                          (415,), ("not_onnx",)),
+        "fill_weights + path": ("POST", "/v1/measure", _external_data_model().SerializeToString(), fill,
+                                (415,), ("not_onnx",)),
+        "fill_weights, 4.7 MB to fill": ("POST", "/v1/measure",
+                                         _external_data_model(FILL_LOCATION, (512, 256, 3, 3)).SerializeToString(), fill,
+                                         (413,), ("too_large",)),
         "op the runtime lacks": ("POST", "/v1/measure", _unknown_op_model().SerializeToString(), measure, (422,),
                                  ("runtime_rejected",)),
         "unknown path": ("GET", "/v1/nothing", None, auth, (404,), ("not_found",)),
@@ -431,6 +452,8 @@ def main() -> int:
                 if args.profile_kernels > 0:
                     res["profile"] = profile_both(out, url, token, args.profile_kernels)
                 save("overhead", res)
+                # the same kernels with their weights uploaded (what `measure` and `export` send of a user's model)
+                save("overhead_weights_sent", overhead(out, url, token, args.kernels, fill=False))
     finally:
         stop_agent(proc)
     if "bad" in parts:
@@ -443,10 +466,13 @@ def main() -> int:
         print(f"agreement: {sum(r['within_3pct'] for r in a['rows'].values())}/{len(a['rows'])} models within +-3% "
               f"(worst {a['worst_abs_deviation']:.1%}); " + ", ".join(f"{n} {r['ratio_remote_over_local']:.3f}"
                                                                         for n, r in a["rows"].items()))
-    if "overhead" in results:
-        o = results["overhead"]
+    for key in ("overhead", "overhead_weights_sent"):
+        if key not in results:
+            continue
+        o = results[key]
         ov = o["overhead_ms"]
-        print(f"overhead: {o['measured']} kernels, per kernel median {ov['median']:.2f} ms, p90 {ov['p90']:.2f}, max "
+        print(f"{key} (weights {o.get('weights', 'sent')}): {o['measured']} kernels, per kernel median "
+              f"{ov['median']:.2f} ms, p90 {ov['p90']:.2f}, max "
               f"{ov['max']:.2f} ({o['over_target']} above {o['overhead_target_ms']:g} ms); remote/local total "
               f"{o['ratio_remote_over_local_total']:.3f} (target <= {o['total_ratio_target']:.2f}); 3000 kernels: "
               f"local {o['extrapolated_default_space']['local_s'] / 60:.1f} min, remote "
