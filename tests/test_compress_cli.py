@@ -114,3 +114,23 @@ def test_other_settings_in_the_same_out_are_refused(pruned_run):
     line = one_error_line(_compress(out, "--data", "digits", "--finetune-epochs", "2", budget=f"{budget:.5f}",
                                     shape=PRUNED_SHAPE))
     assert "finetune_epochs" in line
+
+
+def _compress_fraction(out, fraction: str, *extra):
+    return run_cli("compress", "--model", TINY, "--method", "prune", "--device", DEVICE, "--budget-fraction", fraction,
+                   "--example-shape", PRUNED_SHAPE, "--out", out, "--no-progress", *extra, timeout=900)
+
+
+def test_budget_fraction_is_judged_against_the_original_measured_in_alternation(tmp_path):
+    assert "--budget-fraction must be between 0 and 1" in one_error_line(_compress_fraction(tmp_path / "bad", "1.5"))
+    both = _compress_fraction(tmp_path / "both", "0.5", "--budget-ms", "1")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    out = tmp_path / "run"
+    proc = _compress_fraction(out, "0.6", "--finetune-epochs", "0")
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget_fraction"] == 0.6
+    assert report["budget_ms"] == pytest.approx(0.6 * report["original_latency_ms"])
+    assert report["latency_ms_vs_original"] == pytest.approx(report["original_latency_ms"] / report["speedup"])
+    assert report["within_budget"] == (report["latency_ms_vs_original"] <= report["budget_ms"])
+    assert proc.returncode == (0 if report["within_budget"] else 2), proc.stderr
+    assert all(len(a) and a["measured"] for a in report["prune"]["attempts"])

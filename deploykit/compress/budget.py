@@ -20,14 +20,15 @@ import torch
 from torch import nn
 
 from ..errors import DeployKitError
-from ..protocol import Measurement
+from ..protocol import Measurement, alternate, round_ratio
 from .latency import TableModel, fast_count, measure, predict_ms, to_onnx
 
 BAND = (0.9, 1.0)           # accepted measured latency, as a fraction of the budget
 AIM = 0.95                  # where inside the band to aim
 GUARD = 0.03               # re-measurement moves by 1-3% on this machine: accept only [0.93, 0.97] x budget
 MIN_KEEP_FRACTION = 0.1     # no layer is pruned below 10% of its width (layer collapse ruins recovery)
-MAX_ATTEMPTS = 6
+MAX_ATTEMPTS = 8
+STEER_ROUNDS = 3            # an attempt is measured in alternation with the full network, this many times each
 IMPORTANCE = ("magnitude", "bn", "dagger")
 ALLOC_EXPONENT = 0.5        # halfway (in log share) between uniform and latency-optimal widths: early, expensive
                             # layers would otherwise be cut to their minimum, which recovery training cannot repair
@@ -187,12 +188,14 @@ def scores_for(model: nn.Module, p: PrunePlan, method: str, *, data=None, aim_ms
 
 def prune_to_budget(model: nn.Module, example: torch.Tensor, predictor, backend, budget_ms: float, *,
                     importance: str = "magnitude", data=None, dagger_config=None, progress: bool = True,
-                    device_name: str = "the device") -> PruneResult:
+                    device_name: str = "the device", reference_ms: float | None = None) -> PruneResult:
     """Prune `model` (untouched) so its latency on the device lands in [0.9, 1.0] x `budget_ms`: measured when
     `backend` measures on the device, else predicted by the device's kernel predictor.
 
     The widths come from the calibrated table model; each attempt is observed, and the model's aim is moved by
-    log-log interpolation between the attempts that bracket the target.
+    log-log interpolation between the attempts that bracket the target. A measured attempt is observed as its
+    latency relative to the full network, measured in alternation (STEER_ROUNDS each), times `reference_ms` (the
+    full network's latency the budget was set against; default: its first measurement here).
     """
     shape = tuple(example.shape)
     measured: dict[int, Measurement] = {}
@@ -205,25 +208,30 @@ def prune_to_budget(model: nn.Module, example: torch.Tensor, predictor, backend,
         return m.latency_ms
 
     p = plan(model, example, predictor, observe)
-    if budget_ms < p.min_ms * BAND[0] / AIM:  # not even the narrowest pruning gets into the band
+    scale = (reference_ms or p.full_ms) / p.full_ms  # observations are relative to the full network, times the reference
+    if budget_ms < p.min_ms * scale * BAND[0] / AIM:  # not even the narrowest pruning gets into the band
         raise DeployKitError(f"budget {budget_ms:g} ms is below what pruning can reach on {device_name}: the narrowest "
-                             f"pruning ({MIN_KEEP_FRACTION:.0%} of every prunable layer) runs in {p.min_ms:.4f} ms; "
+                             f"pruning ({MIN_KEEP_FRACTION:.0%} of every prunable layer) runs in {p.min_ms * scale:.4f} ms; "
                              "raise --budget-ms or use --method prune+int8")
     target_ms = AIM * budget_ms
     full_proto = to_onnx(model, shape) if backend is not None else None
 
     def observe_relative(net: nn.Module) -> float:
-        """An attempt's latency as its ratio to the full network measured just before it, times the full network's
-        first measurement: the machine's drift (10-30% on a shared host) hits both alike."""
+        """An attempt's latency as its median ratio to the full network over rounds measured in alternation, times
+        the reference: the machine's drift (10-30% on a shared host) hits both alike, and the median of the rounds
+        keeps one disturbed measurement from steering."""
         if backend is None:
             return predict_ms(predictor, net, shape)
-        ref_ms = measure(backend, full_proto, shape).latency_ms
-        return observe(net) / ref_ms * p.full_ms
+        proto = to_onnx(net, shape)
+        median, every = alternate({"full": lambda: measure(backend, full_proto, shape),
+                                   "net": lambda: measure(backend, proto, shape)}, STEER_ROUNDS)
+        measured[id(net)] = median["net"]
+        return round_ratio(every, "net", "full") * (reference_ms or p.full_ms)
 
     scores = scores_for(model, p, importance, data=data, aim_ms=target_ms, dagger_config=dagger_config,
                         progress=progress)
     shares = {g: float(scores[g].mean()) for g in p.full} if importance == "dagger" else None
-    known = [(float(v), ms) for v, ms in zip(model_ms(p, [p.min_keep, p.full]), (p.min_ms, p.full_ms))]
+    known = [(float(v), ms * scale) for v, ms in zip(model_ms(p, [p.min_keep, p.full]), (p.min_ms, p.full_ms))]
     attempts: list[dict] = []
     best = fastest = None
     lo, hi = (BAND[0] + GUARD) * budget_ms, (BAND[1] - GUARD) * budget_ms
