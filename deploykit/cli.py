@@ -126,14 +126,17 @@ def cmd_predictor(args) -> int:
         LatencyTable.load(table_path)  # refuse a bad table before the work starts
         _fit_and_report(table_path, progress=not args.no_progress, out=Path(args.out) if args.out else None)
         return 0
-    from .evaluate import evaluate_models, plot, summarise, write_json
+    from .evaluate import drift, evaluate_models, plot, reference_networks, summarise, write_json
     from .predictor import KernelPredictor
 
     predictor = KernelPredictor.for_device(args.device)
     backend = _backend_for_table(predictor.device, remote=args if args.backend == "remote" else None)
+    refs = reference_networks(LatencyTable.load(resolve_device(args.device)), args.drift_nets) if args.drift_nets else []
     rows = evaluate_models(predictor, Path(args.models), backend, allow_missing=args.allow_missing,
-                           progress=not args.no_progress, force=args.force)
-    report = {"device": predictor.doc["table"], "models_dir": str(args.models), **summarise(rows)}
+                           progress=not args.no_progress, force=args.force, passes=args.passes, references=refs)
+    report = {"device": predictor.doc["table"], "models_dir": str(args.models), "passes": args.passes, **summarise(rows)}
+    if refs:
+        report["drift"] = drift(refs)
     out = Path(args.out)
     write_json(report, out / "evaluation.json")
     plot(rows, out / "predicted_vs_measured.png", f"{predictor.doc['table']}: {len(rows)} models")
@@ -146,6 +149,10 @@ def cmd_predictor(args) -> int:
     for name, acc in (("predictor", report["predictor"]), ("MACs baseline", report["macs_baseline"])):
         print(f"{name:<14} within 5%: {acc['within_5']:.1%}  within 10%: {acc['within_10']:.1%}  MAPE {acc['mape']:.1%}  "
               f"RMSE {acc['rmse_ms']:.3f} ms  Kendall tau {acc['kendall_tau']:.3f}  (n={acc['n']})")
+    if refs:
+        d = report["drift"]
+        print(f"drift: {d['n']} of the table's calibration networks measure {d['now_over_table']:.3f}x their table latency "
+              f"now (10th-90th percentile {d['p10']:.3f}-{d['p90']:.3f})")
     print(f"report: {out / 'evaluation.json'}, plot: {out / 'predicted_vs_measured.png'}")
     return 0
 
@@ -351,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/predictor-eval", help="where evaluation.json and the plot go")
     q.add_argument("--allow-missing", action="store_true")
     q.add_argument("--force", action="store_true", help="evaluate even if this machine differs from the table's device")
+    q.add_argument("--passes", type=int, default=1, help="measure the folder this many times over and take each model's "
+                                                         "median (on a shared, noisy machine: 3)")
+    q.add_argument("--drift-nets", type=int, default=0, help="also re-measure this many of the table's calibration "
+                                                             "networks: how far the device moved since it was profiled")
     q.add_argument("--backend", choices=("remote",), help="remote: measure on the device's agent (--url, --token-file) "
                                                           "instead of here")
     add_remote_args(q)

@@ -8,14 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from .errors import DeployKitError
 from .fileio import atomic_write
 from .fingerprint import mismatches
-from .onnx_io import input_specs, load_onnx
+from .kernels import Kernel
+from .onnx_io import InputSpec, input_specs, load_onnx
 from .predictor import KernelPredictor
+from .protocol import KERNEL_PROTOCOL, MODEL_PROTOCOL
+from .table import LatencyTable
 
 
 @dataclass
@@ -33,6 +37,37 @@ class ModelResult:
         return (self.predicted_ms - self.measured_ms) / self.measured_ms
 
 
+@dataclass
+class Reference:
+    """A calibration network of the device's table, re-measured beside the models: how far the device moved since the
+    table was profiled (a shared machine runs 5-10% faster or slower from one hour to the next)."""
+    key: str
+    model: onnx.ModelProto
+    inputs: list[InputSpec]
+    table_ms: float
+    measured_ms: float = 0.0
+
+
+def reference_networks(table: LatencyTable, n: int, seed: int = 0) -> list[Reference]:
+    """n of the table's calibration networks (kind `net`), drawn at random, rebuilt from their keys."""
+    nets = sorted((e for e in table.entries.values() if e.kernel["kind"] == "net"), key=lambda e: e.key)
+    if n > len(nets):
+        raise DeployKitError(f"--drift-nets {n}: the table holds {len(nets)} calibration networks; give at most that")
+    out = []
+    for i in np.random.default_rng(seed).choice(len(nets), n, replace=False) if n else []:
+        k = Kernel.from_dict(nets[i].kernel)
+        inputs = [InputSpec(a, tuple(b), np.float32) for a, b in k.input_shapes().items()]
+        out.append(Reference(nets[i].key, k.build_onnx(), inputs, nets[i].stats.median_ms))
+    return out
+
+
+def drift(references: list[Reference]) -> dict:
+    """The reference networks' latency now over the table's: median and 10th/90th percentiles."""
+    r = np.array([x.measured_ms / x.table_ms for x in references])
+    return {"n": len(r), "now_over_table": float(np.median(r)), "p10": float(np.percentile(r, 10)),
+            "p90": float(np.percentile(r, 90))} if len(r) else {"n": 0}
+
+
 def accuracy(pred: np.ndarray, true: np.ndarray) -> dict:
     rel = np.abs(pred - true) / true
     tau = kendalltau(pred, true).statistic if len(true) > 1 else float("nan")
@@ -45,9 +80,18 @@ def model_macs(dec) -> int:
 
 
 def evaluate_models(predictor: KernelPredictor, models_dir: Path, backend, *, allow_missing: bool = False,
-                    progress: bool = True, force: bool = False) -> list[ModelResult]:
-    """Measure and predict each *.onnx in models_dir (sorted). MAC baseline: one ms-per-MAC factor from the same set."""
+                    progress: bool = True, force: bool = False, passes: int = 1,
+                    references: list[Reference] = ()) -> list[ModelResult]:
+    """Measure and predict each *.onnx in models_dir (sorted). MAC baseline: one ms-per-MAC factor from the same set.
+
+    With passes > 1 the whole folder is measured that many times over, one model after the other, and each model's
+    latency is the median of its passes: a slowdown of the machine lasting a minute (a busy neighbour on a shared
+    host) then moves one pass of the models it overlaps, not their result. `references` (from `reference_networks`)
+    are measured in the same passes, after the models, with the table's kernel protocol; their `measured_ms` is set."""
     from .decompose import decompose
+
+    if passes < 1:
+        raise DeployKitError(f"--passes {passes}: give 1 or more")
 
     diff = mismatches(predictor.device, backend.fingerprint())
     if diff and not force:
@@ -58,16 +102,26 @@ def evaluate_models(predictor: KernelPredictor, models_dir: Path, backend, *, al
         raise DeployKitError(f"--models {models_dir} is not a directory: give a folder of .onnx files")
     if not files:
         raise DeployKitError(f"no .onnx files in {models_dir}: export the models there first (e.g. python tools/make_eval_set.py)")
-    rows = []
-    for f in tqdm(files, desc="evaluate", unit="model", disable=not progress, file=sys.stderr, dynamic_ncols=True):
+    rows, loaded = [], []
+    for f in tqdm(files, desc="predict", unit="model", disable=not progress, file=sys.stderr, dynamic_ncols=True):
         model = load_onnx(f)
         specs = input_specs(model)
         dec = decompose(model, specs, threads=backend.threads)
         pred = predictor.predict_decomposition(dec, allow_missing=allow_missing)
-        measured = backend.measure(model, specs).latency_ms
-        rows.append(ModelResult(model=f.name, measured_ms=measured, predicted_ms=pred.latency_ms, macs_ms=float(model_macs(dec)),
+        loaded.append((model, specs))
+        rows.append(ModelResult(model=f.name, measured_ms=0.0, predicted_ms=pred.latency_ms, macs_ms=float(model_macs(dec)),
                                 kernel_sum_ms=sum(x.kernel_ms for x in pred.layers), kernels=len(pred.layers),
                                 missing=len(pred.missing)))
+    jobs = [(m, specs, MODEL_PROTOCOL) for m, specs in loaded] + [(r.model, r.inputs, KERNEL_PROTOCOL) for r in references]
+    measured = np.zeros((passes, len(jobs)))
+    with tqdm(total=passes * len(jobs), desc="measure", unit="model", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for p in range(passes):
+            for i, (model, specs, protocol) in enumerate(jobs):
+                measured[p, i] = backend.measure(model, specs, protocol).latency_ms
+                bar.update()
+    for r, ms in zip([*rows, *references], np.median(measured, axis=0)):
+        r.measured_ms = float(ms)
     # MACs baseline: latency = MACs x (median ms per MAC over the set), the best single factor in relative terms
     factor = float(np.median([r.measured_ms / r.macs_ms for r in rows if r.macs_ms > 0])) if rows else 0.0
     for r in rows:

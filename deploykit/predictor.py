@@ -47,6 +47,7 @@ OVERHEAD_TERMS = ("kernel", "fused", "count", "io_mb", "weight_mb", "const")
 MIN_NETS = 8  # fewer calibration networks: keep the plain sum (a = 1, the rest 0)
 CONTEXT_MIN_KERNELS = 40  # in-network instances a kind needs (from >= MIN_NETS profiled networks) for a context model
 CONTEXT_FOLDS = 5  # context estimates of calibration networks come from models fitted without them
+NETWORK_FEATURES_MIN_NETS = 40  # profiled networks the context models need before they also see `network_features`
 
 
 def predictor_path(table_path: Path) -> Path:
@@ -103,19 +104,30 @@ def _design(kernels: list[Kernel], fused: list[bool], standalone: np.ndarray, co
     return rows
 
 
-def _context_rows(kernels: list[Kernel], standalone: np.ndarray) -> list[dict[str, float]]:
-    return [{**k.features(), "standalone_us": 1000.0 * float(v)} for k, v in zip(kernels, standalone)]
+def network_features(kernels: list[Kernel]) -> dict[str, float]:
+    """What the rest of a network does to a kernel's caches: the weights and activations one inference streams.
+    A kernel measured alone keeps its weights in cache from run to run; inside a network whose weights exceed the
+    last-level cache it reads them from memory each time (a classifier's Linear costs 3 to 4 times its standalone
+    latency in a 30 MB network on a 32 MB L3)."""
+    return {"net_weight_mb": 4e-6 * sum(k.spec.weights(dict(k.params)) for k in kernels),
+            "net_act_mb": 4e-6 * sum(math.prod(k.output_shape()) for k in kernels)}
 
 
-def _context_ms(context: dict[str, KindRegressor], kernels: list[Kernel], standalone: np.ndarray) -> np.ndarray:
-    """In-network latency of each kernel: its kind's context model, or the standalone latency for kinds without one."""
+def _context_rows(kernels: list[Kernel], standalone: np.ndarray, net: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{**k.features(), **n, "standalone_us": 1000.0 * float(v)} for k, v, n in zip(kernels, standalone, net)]
+
+
+def _context_ms(context: dict[str, KindRegressor], kernels: list[Kernel], standalone: np.ndarray,
+                net: list[dict[str, float]]) -> np.ndarray:
+    """In-network latency of each kernel: its kind's context model, or the standalone latency for kinds without one.
+    `net` holds each kernel's `network_features` (models fitted before they existed ignore them)."""
     out = np.array(standalone, dtype=np.float64)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, k in enumerate(kernels):
         if k.kind in context:
             by_kind[k.kind].append(i)
     for kind, idx in by_kind.items():
-        out[idx] = context[kind].predict_ms(_context_rows([kernels[i] for i in idx], out[idx]))
+        out[idx] = context[kind].predict_ms(_context_rows([kernels[i] for i in idx], out[idx], [net[i] for i in idx]))
     return out
 
 
@@ -190,20 +202,24 @@ class KernelPredictor:
 
     def predict_kernels(self, kernels: list[Kernel], fused: list[bool] | None = None) -> float:
         """A network's latency from its kernel list (e.g. an architecture of a search space)."""
-        return float(self._in_network(kernels, fused or [False] * len(kernels)).sum() + self.coef[-1])
+        return float(self._in_network([kernels], fused or [False] * len(kernels)).sum() + self.coef[-1])
 
     def predict_networks(self, networks: list[list[Kernel]]) -> np.ndarray:
         """Latency of many networks from their kernel lists, batched per kind (pre-training labels for a search space)."""
         if not networks:
             return np.zeros(0)
         flat = [k for ks in networks for k in ks]
-        per_kernel = self._in_network(flat, [False] * len(flat)) if flat else np.zeros(0)
+        per_kernel = self._in_network(networks, [False] * len(flat)) if flat else np.zeros(0)
         ends = np.cumsum([len(ks) for ks in networks])
         return np.array([part.sum() for part in np.split(per_kernel, ends[:-1])]) + self.coef[-1]
 
-    def _in_network(self, kernels: list[Kernel], fused: list[bool]) -> np.ndarray:
+    def _in_network(self, networks: list[list[Kernel]], fused: list[bool]) -> np.ndarray:
+        """Each kernel's in-network latency, for the kernels of one or more networks (flattened in order)."""
+        kernels = [k for ks in networks for k in ks]
+        net = [f for ks in networks for f in [network_features(ks)] * len(ks)]
         standalone = self.kernel_ms(kernels)
-        return np.maximum(_design(kernels, fused, standalone, _context_ms(self.context, kernels, standalone)) @ self.coef, 0.0)
+        return np.maximum(_design(kernels, fused, standalone, _context_ms(self.context, kernels, standalone, net)) @ self.coef,
+                          0.0)
 
     def predict_decomposition(self, dec: Decomposition, allow_missing: bool = False) -> Prediction:
         usable: list[ModelKernel] = []
@@ -225,7 +241,7 @@ class KernelPredictor:
         kernels = [mk.kernel for mk in usable]
         fused = [mk.fused for mk in usable]
         standalone = self.kernel_ms(kernels) if kernels else np.zeros(0)
-        in_net = self._in_network(kernels, fused) if kernels else np.zeros(0)
+        in_net = self._in_network([kernels], fused) if kernels else np.zeros(0)
         layers = [LayerPrediction(name=mk.name, op_type=mk.op_type, kind=mk.kernel.kind, key=mk.kernel.key,
                                   latency_ms=float(v), kernel_ms=float(s), fused=mk.fused, note=mk.note)
                   for mk, v, s in zip(usable, in_net, standalone)]
@@ -253,6 +269,10 @@ class _CalNet:
     fused: list[bool]
     standalone: np.ndarray
     in_network_ms: np.ndarray | None  # per kernel; NaN where a runtime node spans several kernels (or fused)
+
+    @property
+    def net(self) -> dict[str, float]:
+        return network_features(self.kernels)
 
 
 def net_structure(net: Kernel, threads: int) -> dict:
@@ -359,6 +379,8 @@ def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegre
     if len(profiled) < MIN_NETS:
         return {}, {"note": f"{len(profiled)} calibration networks with per-layer profiles (< {MIN_NETS}): no context models"}, \
             estimates
+    # a network's own features are constant over its kernels: a dozen networks would be told apart by them, not learned from
+    net = [n.net if len(profiled) >= NETWORK_FEATURES_MIN_NETS else {} for n in nets]
     rng = np.random.default_rng(seed)
     fold = {i: f % CONTEXT_FOLDS for f, i in enumerate(rng.permutation(profiled))}
     every: dict[str, list[tuple[int, int]]] = defaultdict(list)  # (net, kernel) of each kind
@@ -373,7 +395,8 @@ def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegre
         if len(train) < CONTEXT_MIN_KERNELS or len({i for i, _ in train}) < MIN_NETS:
             report[kind] = {"n": len(train), "note": "too few in-network instances: standalone latency used"}
             continue
-        rows = _context_rows([nets[i].kernels[j] for i, j in train], np.array([nets[i].standalone[j] for i, j in train]))
+        rows = _context_rows([nets[i].kernels[j] for i, j in train], np.array([nets[i].standalone[j] for i, j in train]),
+                             [net[i] for i, _ in train])
         y = np.maximum([nets[i].in_network_ms[j] for i, j in train], CONTEXT_FLOOR_MS)
         oof = np.zeros(len(train))
         for f in range(CONTEXT_FOLDS):
@@ -382,7 +405,8 @@ def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegre
             here = [(i, j) for i, j in where if fold.get(i) == f]
             if here:
                 pred = model.predict_ms(_context_rows([nets[i].kernels[j] for i, j in here],
-                                                      np.array([nets[i].standalone[j] for i, j in here])))
+                                                      np.array([nets[i].standalone[j] for i, j in here]),
+                                                      [net[i] for i, _ in here]))
                 for (i, j), v in zip(here, pred):
                     estimates[i][j] = v
             mask = [fold[i] == f for i, _ in train]
@@ -391,7 +415,8 @@ def fit_context(nets: list[_CalNet], seed: int = 0) -> tuple[dict[str, KindRegre
         rest = [(i, j) for i, j in where if i not in fold]  # networks without a profile: the full model never saw them
         if rest:
             pred = models[kind].predict_ms(_context_rows([nets[i].kernels[j] for i, j in rest],
-                                                         np.array([nets[i].standalone[j] for i, j in rest])))
+                                                         np.array([nets[i].standalone[j] for i, j in rest]),
+                                                         [net[i] for i, _ in rest]))
             for (i, j), v in zip(rest, pred):
                 estimates[i][j] = v
         alone = np.array([nets[i].standalone[j] for i, j in train])

@@ -12,12 +12,13 @@ from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
 from sklearn.neural_network import MLPRegressor
 from torch import nn
 
-from deploykit import zoo
+from deploykit import predictor, zoo
 from deploykit.decompose import decompose
 from deploykit.errors import DeployKitError
 from deploykit.kernels import Kernel, sample_kernels
 from deploykit.onnx_io import input_specs, load_onnx
-from deploykit.predictor import FORMAT_VERSION, KernelPredictor, _CalNet, fit_context, fit_overhead, fit_predictor, predictor_path
+from deploykit.predictor import (FORMAT_VERSION, KernelPredictor, _CalNet, fit_context, fit_overhead, fit_predictor,
+                                 network_features, predictor_path)
 from deploykit.regressors import METHODS, KindRegressor, _fit_residual, _predict_residual, select
 from deploykit.table import LatencyTable, TableEntry, resolve_device
 
@@ -182,6 +183,31 @@ def test_context_models_learn_in_network_cost():
     assert few[0] == {} and "no context models" in few[1]["note"]
 
 
+def test_context_models_see_the_network_around_a_kernel(monkeypatch):
+    """The same kernels cost twice their standalone latency in networks whose weights outgrow the cache: the context
+    models tell the two apart by the network's weight footprint (`network_features`), out of fold, once there are
+    enough profiled networks (16 here: the threshold is lowered to that)."""
+    rng = np.random.default_rng(1)
+    big = Kernel.from_dict({"kind": "linear", "cin": 4096, "cout": 4096})  # 67 MB of weights
+    nets = []
+    for i in range(16):
+        ks = [Kernel.from_dict({"kind": "conv", "cin": int(rng.choice([8, 16, 32, 64])), "cout": int(rng.choice([8, 16, 32, 64])),
+                                "k": int(rng.choice([1, 3])), "s": 1, "d": 1, "g": 1, "h": int(h), "w": int(h), "act": "relu"})
+              for h in rng.choice([8, 16, 32], 12)] + ([big] if i % 2 else [])  # under 2 MB of weights, or 67 MB more
+        alone = np.array([1e-6 * k.spec.macs(dict(k.params)) + 0.01 for k in ks])
+        in_net = alone * (2.0 if i % 2 else 1.0)
+        nets.append(_CalNet(f"n{i}", float(in_net.sum()), ks, [False] * len(ks), alone, in_net))
+    assert network_features(nets[1].kernels)["net_weight_mb"] > 60 > 2 > network_features(nets[0].kernels)["net_weight_mb"]
+    assert fit_context(nets)[1]["conv"]["out_of_fold"]["mape"] > 0.2  # 16 < NETWORK_FEATURES_MIN_NETS: not used
+    monkeypatch.setattr(predictor, "NETWORK_FEATURES_MIN_NETS", 16)
+    _, report, estimates = fit_context(nets)
+    assert report["conv"]["standalone"]["mape"] == pytest.approx(0.25, rel=1e-6)  # half the instances at 2x
+    assert report["conv"]["out_of_fold"]["mape"] < 0.1
+    for n, est in zip(nets, estimates):
+        conv = [k.kind == "conv" for k in n.kernels]
+        assert np.median(est[conv] / n.standalone[conv]) == pytest.approx(2.0 if n.kernels[-1] is big else 1.0, rel=0.15)
+
+
 # ------------------------------------------------------------------------------------ predictor
 @pytest.fixture(scope="module")
 def small_table(tmp_path_factory) -> Path:
@@ -284,10 +310,13 @@ def test_cli_evaluate_reports_accuracy_and_plot(fitted, small_table, zoo_onnx, t
     for name, path in zoo_onnx.items():
         (models / f"{name}.onnx").write_bytes(Path(path).read_bytes())
     proc = run_cli("predictor", "evaluate", "--device", small_table, "--models", models, "--out", tmp_path / "eval",
-                   "--force", "--json", "--no-progress")
+                   "--force", "--json", "--no-progress", "--passes", "2", "--drift-nets", "2")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["predictor"]["n"] == 2 and {"within_5", "within_10", "mape", "rmse_ms", "kendall_tau"} <= report["predictor"].keys()
+    assert report["passes"] == 2 and report["predictor"]["n"] == 2
+    assert report["drift"]["n"] == 2 and 0.5 < report["drift"]["now_over_table"] < 2  # the table's nets, re-measured here and {"within_5", "within_10", "mape", "rmse_ms", "kendall_tau"} <= report["predictor"].keys()
     assert (tmp_path / "eval" / "predicted_vs_measured.png").read_bytes()[:4] == b"\x89PNG"
     line = one_error_line(run_cli("predictor", "evaluate", "--device", small_table, "--models", tmp_path / "none"))
     assert "not a directory" in line
+    line = one_error_line(run_cli("predictor", "evaluate", "--device", small_table, "--models", models, "--drift-nets", "999"))
+    assert "calibration networks" in line and "at most" in line
