@@ -131,7 +131,7 @@ def cmd_predictor(args) -> int:
 
     predictor = KernelPredictor.for_device(args.device)
     backend = _backend_for_table(predictor.device, remote=args if args.backend == "remote" else None)
-    refs = reference_networks(LatencyTable.load(resolve_device(args.device)), args.drift_nets) if args.drift_nets else []
+    refs = reference_networks(LatencyTable.load(resolve_device(args.device)), args.drift_nets) if args.drift_nets != 0 else []
     rows = evaluate_models(predictor, Path(args.models), backend, allow_missing=args.allow_missing,
                            progress=not args.no_progress, force=args.force, passes=args.passes, references=refs)
     report = {"device": predictor.doc["table"], "models_dir": str(args.models), "passes": args.passes, **summarise(rows)}

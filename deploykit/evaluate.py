@@ -51,8 +51,8 @@ class Reference:
 def reference_networks(table: LatencyTable, n: int, seed: int = 0) -> list[Reference]:
     """n of the table's calibration networks (kind `net`), drawn at random, rebuilt from their keys."""
     nets = sorted((e for e in table.entries.values() if e.kernel["kind"] == "net"), key=lambda e: e.key)
-    if n > len(nets):
-        raise DeployKitError(f"--drift-nets {n}: the table holds {len(nets)} calibration networks; give at most that")
+    if not 0 <= n <= len(nets):
+        raise DeployKitError(f"--drift-nets {n}: the table holds {len(nets)} calibration networks; give 0 to {len(nets)}")
     out = []
     for i in np.random.default_rng(seed).choice(len(nets), n, replace=False) if n else []:
         k = Kernel.from_dict(nets[i].kernel)
