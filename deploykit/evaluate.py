@@ -18,6 +18,7 @@ from .fingerprint import mismatches
 from .kernels import Kernel
 from .onnx_io import InputSpec, input_specs, load_onnx
 from .predictor import KernelPredictor
+from .profile import kernel_inputs
 from .protocol import KERNEL_PROTOCOL, MODEL_PROTOCOL
 from .table import LatencyTable
 
@@ -56,8 +57,7 @@ def reference_networks(table: LatencyTable, n: int, seed: int = 0) -> list[Refer
     out = []
     for i in np.random.default_rng(seed).choice(len(nets), n, replace=False) if n else []:
         k = Kernel.from_dict(nets[i].kernel)
-        inputs = [InputSpec(a, tuple(b), np.float32) for a, b in k.input_shapes().items()]
-        out.append(Reference(nets[i].key, k.build_onnx(), inputs, nets[i].stats.median_ms))
+        out.append(Reference(nets[i].key, k.build_onnx(), kernel_inputs(k), nets[i].stats.median_ms))
     return out
 
 

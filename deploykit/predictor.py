@@ -38,6 +38,7 @@ from .fileio import atomic_write, read_versioned_json
 from .fingerprint import mismatches
 from .kernels import Kernel
 from .onnx_io import InputSpec
+from .profile import kernel_inputs
 from .regressors import KindRegressor, errors, select
 from .table import LatencyTable, resolve_device
 
@@ -107,8 +108,8 @@ def _design(kernels: list[Kernel], fused: list[bool], standalone: np.ndarray, co
 def network_features(kernels: list[Kernel]) -> dict[str, float]:
     """What the rest of a network does to a kernel's caches: the weights and activations one inference streams.
     A kernel measured alone keeps its weights in cache from run to run; inside a network whose weights exceed the
-    last-level cache it reads them from memory each time (a classifier's Linear costs 3 to 4 times its standalone
-    latency in a 30 MB network on a 32 MB L3)."""
+    last-level cache it reads them from memory each time (a classifier's Linear costs 4 times its standalone latency
+    in a 32 MB network on a 32 MB L3)."""
     return {"net_weight_mb": 4e-6 * sum(k.spec.weights(dict(k.params)) for k in kernels),
             "net_act_mb": 4e-6 * sum(math.prod(k.output_shape()) for k in kernels)}
 
@@ -213,11 +214,12 @@ class KernelPredictor:
         ends = np.cumsum([len(ks) for ks in networks])
         return np.array([part.sum() for part in np.split(per_kernel, ends[:-1])]) + self.coef[-1]
 
-    def _in_network(self, networks: list[list[Kernel]], fused: list[bool]) -> np.ndarray:
-        """Each kernel's in-network latency, for the kernels of one or more networks (flattened in order)."""
+    def _in_network(self, networks: list[list[Kernel]], fused: list[bool], standalone: np.ndarray | None = None) -> np.ndarray:
+        """Each kernel's in-network latency, for the kernels of one or more networks (flattened in order); `standalone`:
+        their standalone latencies where the caller has them already."""
         kernels = [k for ks in networks for k in ks]
         net = [f for ks in networks for f in [network_features(ks)] * len(ks)]
-        standalone = self.kernel_ms(kernels)
+        standalone = self.kernel_ms(kernels) if standalone is None else standalone
         return np.maximum(_design(kernels, fused, standalone, _context_ms(self.context, kernels, standalone, net)) @ self.coef,
                           0.0)
 
@@ -241,7 +243,7 @@ class KernelPredictor:
         kernels = [mk.kernel for mk in usable]
         fused = [mk.fused for mk in usable]
         standalone = self.kernel_ms(kernels) if kernels else np.zeros(0)
-        in_net = self._in_network([kernels], fused) if kernels else np.zeros(0)
+        in_net = self._in_network([kernels], fused, standalone) if kernels else np.zeros(0)
         layers = [LayerPrediction(name=mk.name, op_type=mk.op_type, kind=mk.kernel.kind, key=mk.kernel.key,
                                   latency_ms=float(v), kernel_ms=float(s), fused=mk.fused, note=mk.note)
                   for mk, v, s in zip(usable, in_net, standalone)]
@@ -280,8 +282,7 @@ def net_structure(net: Kernel, threads: int) -> dict:
     node), fused flags, and which kernel owns each ONNX node index (for per-layer profiles). Rebuilding the network
     and decomposing it takes seconds; `fit_predictor` caches this beside the table (`net_cache_path`)."""
     model = net.build_onnx()
-    inputs = [InputSpec(n, tuple(s), np.float32) for n, s in net.input_shapes().items()]
-    dec = decompose(model, inputs, threads=threads)
+    dec = decompose(model, kernel_inputs(net), threads=threads)
     index = {n.name: i for i, n in enumerate(model.graph.node)}
     return {"kernels": [mk.kernel.to_dict() if mk.kernel is not None else None for mk in dec.kernels],
             "fused": [bool(mk.fused) for mk in dec.kernels],
