@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import os
 import secrets
 import select
@@ -173,9 +174,7 @@ def parse_request(header: str | None) -> dict:
               and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in spec["shape"]))
         if not ok:
             raise Refused("bad_request", f"bad input {spec!r}: need name, shape (ints >= 0), dtype in {', '.join(DTYPES)}")
-        n = 1
-        for d in spec["shape"]:
-            n *= d
+        n = math.prod(spec["shape"])
         if n > MAX_INPUT_ELEMENTS:
             raise Refused("bad_request", f"input {spec['name']} has {n} elements, above the agent's {MAX_INPUT_ELEMENTS}")
     if not isinstance(req.get("fill_weights", False), bool):

@@ -72,10 +72,7 @@ _FILL_BLOCK = 1 << 16  # values of the repeated block
 def _nbytes(dims, data_type: int) -> int:
     import numpy as np
 
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n * np.dtype(FILL_DTYPES[data_type]).itemsize
+    return math.prod(int(d) for d in dims) * np.dtype(FILL_DTYPES[data_type]).itemsize
 
 
 def strip_weights(model, min_bytes: int = FILL_MIN_BYTES):
