@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     q.add_argument("--n", type=int, required=True, help="architectures to have in the file for this seed")
     q.add_argument("--out", required=True, help="JSONL file; rerun with the same file to resume")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--passes", type=int, default=1, help="time the whole plan this many times over and keep each "
+                   "architecture's median (a shared machine's slow spells hit one pass, not all; default 1)")
     q.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("fit", help="train the MLP on measured architectures and report held-out accuracy")
@@ -62,9 +64,12 @@ def _measure(args) -> int:
     spec = get_space(args.space)
     backend = _backend(args)
     t0 = time.monotonic()
-    records = measure_archs(spec, args.n, backend, args.out, seed=args.seed, progress=not args.no_progress)
+    records = measure_archs(spec, args.n, backend, args.out, seed=args.seed, progress=not args.no_progress,
+                            passes=args.passes)
     lat = np.array([r["latency_ms"] for r in records])
-    print(f"{args.out}: {len(records)} architectures of space {spec.name!r} ({time.monotonic() - t0:.0f} s); "
+    passes = min(r.get("passes", 1) for r in records)
+    print(f"{args.out}: {len(records)} architectures of space {spec.name!r}, {passes} pass(es) each "
+          f"({time.monotonic() - t0:.0f} s); "
           f"latency {lat.min():.3f}..{lat.max():.3f} ms, median {np.median(lat):.3f} ms")
     return 0
 

@@ -423,33 +423,58 @@ def _open_measurements(path: Path, spec: SpaceSpec, device: dict, protocol: Prot
     return records
 
 
-def measure_archs(spec: SpaceSpec, n: int, backend, out_path: str | os.PathLike, seed: int = 0, progress: bool = True,
-                  protocol: Protocol = ARCH_PROTOCOL) -> list[dict]:
-    """Measure the seed's first n distinct architectures into `out_path`, one flushed JSON line each.
+def _aggregate(records: list[dict]) -> dict:
+    """One architecture's record over its passes: the median of the pass medians, the passes kept beside it."""
+    if len(records) == 1:
+        return records[0]
+    pass_ms = [float(r["latency_ms"]) for r in records]
+    return {"arch": records[0]["arch"], "latency_ms": float(np.median(pass_ms)),
+            "p90_ms": float(np.median([r.get("p90_ms", r["latency_ms"]) for r in records])),
+            "std_ms": float(np.median([r.get("std_ms", 0.0) for r in records])),
+            "count": int(sum(r.get("count", 0) for r in records)), "passes": len(records), "pass_latencies_ms": pass_ms,
+            "measured_utc": records[-1].get("measured_utc")}
 
-    Resumable: architectures already in the file are not measured again, and a torn last line is
-    repaired. Returns the n records of the plan, whether measured now or before.
+
+def measure_archs(spec: SpaceSpec, n: int, backend, out_path: str | os.PathLike, seed: int = 0, progress: bool = True,
+                  protocol: Protocol = ARCH_PROTOCOL, passes: int = 1) -> list[dict]:
+    """Measure the seed's first n distinct architectures into `out_path`, one flushed JSON line per timing.
+
+    `passes` > 1 times the whole plan that many times over, one pass after the other, so the timings of
+    one architecture lie minutes apart and a slow spell of a shared machine hits one of them, not all:
+    its `latency_ms` is then the median over passes (`pass_latencies_ms` keeps them).
+    Resumable: timings already in the file are not taken again, and a torn last line is repaired.
+    Returns one record per architecture of the plan, whether measured now or before.
     """
+    if passes < 1:
+        raise DeployKitError(f"passes must be >= 1, got {passes}: pass --passes 1 or more")
     plan = plan_archs(spec, n, seed)
     path = Path(out_path)
-    done = {Arch.from_dict(r["arch"]).key: r for r in _open_measurements(path, spec, backend.fingerprint(), protocol)}
-    todo = [a for a in plan if a.key not in done]
-    with tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"measure {spec.name}", unit="arch",
-              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, open(path, "a", encoding="utf-8") as f:
-        for arch in todo:
+    have: dict[str, list[dict]] = {}
+    for r in _open_measurements(path, spec, backend.fingerprint(), protocol):
+        have.setdefault(Arch.from_dict(r["arch"]).key, []).append(r)
+    before = {a.key: len(have.get(a.key, ())) for a in plan}
+    todo = [(p, a) for p in range(1, passes + 1) for a in plan if before[a.key] < p]
+    total = len(plan) * passes
+    with tqdm(total=total, initial=total - len(todo), desc=f"measure {spec.name}" + (f" x{passes}" if passes > 1 else ""),
+              unit="arch", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, \
+            open(path, "a", encoding="utf-8") as f:
+        for p, arch in todo:
             m = measure_arch(spec, arch, backend, protocol)
             s = m.stats
             rec = {"arch": arch.to_dict(), "latency_ms": s.median_ms, "p90_ms": s.p90_ms, "std_ms": s.std_ms,
-                   "count": s.count, "spread": round(m.spread, 5), "measured_utc": utc_now()}
+                   "count": s.count, "spread": round(m.spread, 5), "pass": p, "measured_utc": utc_now()}
             f.write(json.dumps(rec, sort_keys=True) + "\n")
             f.flush()  # in the kernel's hands now: survives kill -9 of this process
-            done[arch.key] = rec
+            have.setdefault(arch.key, []).append(rec)
             bar.update(1)
-    return [done[a.key] for a in plan]
+    return [_aggregate(have[a.key]) for a in plan]
 
 
 def load_measurements(paths: Sequence[str | os.PathLike]) -> tuple[SpaceSpec, dict, list[Arch], np.ndarray]:
-    """(spec, device, architectures, latencies) from one or more measurement files of one space and device."""
+    """(spec, device, architectures, latencies) from one or more measurement files of one space and device.
+
+    An architecture timed more than once (several passes, or in several files) gets the median of its timings.
+    """
     if not paths:
         raise DeployKitError("no measurement files given: pass --data FILE.jsonl")
     spec, device, archs, lat = None, {}, {}, {}
@@ -464,8 +489,9 @@ def load_measurements(paths: Sequence[str | os.PathLike]) -> tuple[SpaceSpec, di
             raise DeployKitError(f"{p} was measured on another device/config than {paths[0]}: pass files of one device")
         for r in records:
             a = Arch.from_dict(r["arch"])
-            archs[a.key], lat[a.key] = a, float(r["latency_ms"])
-    return spec, device, list(archs.values()), np.array(list(lat.values()), dtype=np.float64)
+            archs[a.key] = a
+            lat.setdefault(a.key, []).append(float(r["latency_ms"]))  # several passes (or files): their median
+    return spec, device, list(archs.values()), np.array([np.median(lat[k]) for k in archs], dtype=np.float64)
 
 
 # -- the model file --------------------------------------------------------------------------

@@ -310,6 +310,36 @@ def test_measure_archs_refuses_another_device(tmp_path, fake_measure):
         measure_archs(DIGITS_SPACE, 3, FakeBackend("other-cpu"), out, progress=False)
 
 
+def test_measure_archs_passes_keep_the_median_and_resume(tmp_path, monkeypatch):
+    calls = []
+
+    def measure_arch(spec, arch, backend, protocol):  # timing k (from 1) reads k ms: which pass made which median shows
+        calls.append(arch.key)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        ms = float(len(calls))
+        return Measurement(LatencyStats(ms, ms, 0.0, ms, 3), [ms] * 3, 0.0, False)
+
+    monkeypatch.setattr(archmlp, "measure_arch", measure_arch)
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in pass 2: the three timings taken stay in the file
+        measure_archs(DIGITS_SPACE, 2, FakeBackend(), out, passes=3, progress=False)
+    records = measure_archs(DIGITS_SPACE, 2, FakeBackend(), out, passes=3, progress=False)
+    a, b = plan_archs(DIGITS_SPACE, 2, 0)
+    assert calls == [a.key, b.key, a.key, b.key, b.key, a.key, b.key]
+    # a: timings 1, 3, 6 -> 3 ms; b: 2, 5 (4 was interrupted), 7 -> 5 ms
+    assert [r["pass_latencies_ms"] for r in records] == [[1.0, 3.0, 6.0], [2.0, 5.0, 7.0]]
+    assert [r["latency_ms"] for r in records] == [3.0, 5.0] and [r["passes"] for r in records] == [3, 3]
+    assert measure_archs(DIGITS_SPACE, 2, FakeBackend(), out, passes=2, progress=False) == records and len(calls) == 7
+    _, _, archs, lat = load_measurements([out])
+    assert [x.key for x in archs] == [a.key, b.key] and list(lat) == [3.0, 5.0]
+    with pytest.raises(DeployKitError, match="--passes"):
+        measure_archs(DIGITS_SPACE, 2, FakeBackend(), out, passes=0, progress=False)
+    with pytest.raises(DeployKitError, match="--passes"):
+        cli("arch-predictor", "measure", "--space", "digits", "--n", "2", "--out", str(tmp_path / "q.jsonl"), "--passes", "0")
+    assert not (tmp_path / "q.jsonl").exists()
+
+
 def cli(*argv: str) -> int:
     ap = argparse.ArgumentParser()
     register(ap.add_subparsers(dest="cmd", required=True))
