@@ -349,26 +349,31 @@ def _sides(supernet: Supernet, arch: Arch, side: str | None) -> list[str]:
     return list(SIDES)
 
 
-def evaluate_arch(supernet: Supernet, arch: Arch, data: DataSplit, side: str | None = None, *, calibration_images: int = 2000,
-                  batch_size: int = 256) -> float:
-    """Top-1 validation accuracy of `arch` in [0, 1] after calibrate_bn on the first `calibration_images` training images.
-    side None: in bilateral mode the mean of the left and right accuracies, as BCNet judges a width by both sides."""
+def score_arch(supernet: Supernet, arch: Arch, data: DataSplit, side: str | None = None, *, calibration_images: int = 2000,
+               batch_size: int = 256) -> dict:
+    """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of `arch` on the validation split, after calibrate_bn
+    on the first `calibration_images` training images. side None: in bilateral mode the mean over the left and
+    right sides, as BCNet judges a width by both sides."""
     _check_data(supernet, data)
     check_arch(supernet.spec, arch)
     was_training = supernet.training
-    accuracies = []
+    scores = []
     try:
         for s in _sides(supernet, arch, side):
             calibrate_bn(supernet, arch, data.train_x[:calibration_images], s, batch_size=batch_size)
             supernet.eval()
-            correct = 0
             with torch.no_grad():
-                for xb, yb in zip(torch.split(data.val_x, batch_size), torch.split(data.val_y, batch_size)):
-                    correct += int((supernet(xb, arch, s).argmax(1) == yb).sum())
-            accuracies.append(correct / len(data.val_y))
+                logits = torch.cat([supernet(xb, arch, s) for xb in torch.split(data.val_x, batch_size)])
+            scores.append(((logits.argmax(1) == data.val_y).float().mean().item(), F.cross_entropy(logits, data.val_y).item()))
     finally:
         supernet.train(was_training)
-    return float(np.mean(accuracies))
+    return {"accuracy": float(np.mean([a for a, _ in scores])), "loss": float(np.mean([loss for _, loss in scores]))}
+
+
+def evaluate_arch(supernet: Supernet, arch: Arch, data: DataSplit, side: str | None = None, *, calibration_images: int = 2000,
+                  batch_size: int = 256) -> float:
+    """Top-1 validation accuracy of `arch` in [0, 1] (score_arch's "accuracy")."""
+    return score_arch(supernet, arch, data, side, calibration_images=calibration_images, batch_size=batch_size)["accuracy"]
 
 
 def _copy_conv_bn(dst: nn.Sequential, src: _ConvBN, out_sl: slice, in_sl: slice, k: int | None = None) -> None:

@@ -18,6 +18,7 @@ from deploykit.supernet import (
     largest_arch,
     load_checkpoint,
     max_stage_channels,
+    score_arch,
     smallest_arch,
     train_supernet,
     training_subnets,
@@ -184,8 +185,9 @@ def test_training_learns_digits(digits):
     assert report["epochs"] == report["epochs_run"] == 2 and report["steps_run"] == 24
     assert report["epoch_losses"][1] < report["epoch_losses"][0] < 2.4  # ln(10) = 2.30 is chance
     assert report["subnets_per_step"] > 4  # bilateral: both sides and complementary widths
-    top = evaluate_arch(net, largest_arch(SPEC), data)
-    assert top > 0.5, top
+    top = score_arch(net, largest_arch(SPEC), data)
+    assert top["accuracy"] > 0.5 and top["loss"] < 2.0, top
+    assert evaluate_arch(net, largest_arch(SPEC), data) == top["accuracy"]
     # side None in bilateral mode is the mean of both sides
     arch = Arch(ops=("k5e6",) * 6, widths=(0.5,) * 4, resolution=32)
     left, right = evaluate_arch(net, arch, data, "left"), evaluate_arch(net, arch, data, "right")

@@ -8,7 +8,7 @@ from deploykit.archspace import DIGITS_SPACE, build_network
 from deploykit.data import DataSplit
 from deploykit.errors import DeployKitError
 from deploykit.supernet import smallest_arch
-from deploykit.train import accuracy, train_network
+from deploykit.train import accuracy, train_network, validation_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,9 +24,10 @@ def fresh_net(seed: int = 0) -> torch.nn.Module:
 
 def test_training_learns_digits(digits):
     net = fresh_net()
-    before = accuracy(net, digits)
+    before = validation_scores(net, digits)
     rep = train_network(net, digits, epochs=3, progress=False)
-    assert rep["accuracy"] > max(0.5, before + 0.3)
+    assert rep["accuracy"] > max(0.5, before["accuracy"] + 0.3)
+    assert rep["val_loss"] < min(1.5, before["loss"] - 0.5)  # ln(10) = 2.30 is chance
     assert rep["accuracy"] == pytest.approx(accuracy(net, digits))
     assert len(rep["epoch_losses"]) == 3 and rep["epoch_losses"][-1] < rep["epoch_losses"][0]
 

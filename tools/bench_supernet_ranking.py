@@ -12,10 +12,14 @@ reported for both" (bilateral = BCNet, arXiv 2105.10533; left = plain left-align
   4. Every width config is trained stand-alone from scratch (build_network in train mode, AdamW with the supernet's
      lr / weight decay, cosine schedule, --standalone-epochs, same split), once per --standalone-seeds seed; its
      validation accuracy (mean over seeds) is the ground truth.
-  5. Kendall tau (tau-b, scipy if available) between supernet and stand-alone accuracy, for both modes.
+  5. Kendall tau (tau-b, scipy if available) between supernet and stand-alone accuracy, for both modes; and the
+     same on validation loss (cross-entropy), which still separates networks whose accuracies differ by an image.
 
 Usage: python tools/bench_supernet_ranking.py [--supernet-epochs 25] [--standalone-epochs 15] [--n-widths 20]
-       [--standalone-seeds 2] [--seed 0] [--full-space] [--out tools/out/supernet/ranking.json]
+       [--standalone-seeds 2] [--seed 0] [--full-space] [--width-ratios 0.25,0.5,0.75,1.0]
+       [--out tools/out/supernet/ranking.json]
+--width-ratios replaces the space's width choices: narrower networks underfit digits, so accuracy differs between
+width configs by more than the noise of one training run.
 Prints a Markdown table; writes JSON. Runs with one torch thread (much faster than two on small CPUs).
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ from tqdm import tqdm
 
 from deploykit.archspace import DIGITS_SPACE, Arch, SpaceSpec, build_network
 from deploykit.data import DataSplit, load_dataset
-from deploykit.supernet import Supernet, evaluate_arch, train_supernet
+from deploykit.supernet import Supernet, score_arch, train_supernet
 from deploykit.train import train_network
 
 FIXED = "k3e3"
@@ -68,11 +72,12 @@ def kendall_tau(a: list[float], b: list[float]) -> tuple[float, float | None]:
     return ((conc - disc) / denom if denom else float("nan")), None
 
 
-def space(full: bool) -> SpaceSpec:
+def space(full: bool, width_ratios: tuple[float, ...] | None = None) -> SpaceSpec:
+    spec = DIGITS_SPACE if width_ratios is None else dataclasses.replace(DIGITS_SPACE, width_ratios=width_ratios)
     if full:
-        return DIGITS_SPACE
+        return spec
     k, e = FIXED[1:].split("e")
-    return dataclasses.replace(DIGITS_SPACE, name="digits-k3e3", kernel_sizes=(int(k),), expansions=(int(e),), allow_skip=False)
+    return dataclasses.replace(spec, name="digits-k3e3", kernel_sizes=(int(k),), expansions=(int(e),), allow_skip=False)
 
 
 def sample_widths(spec: SpaceSpec, n: int, seed: int) -> list[Arch]:
@@ -91,13 +96,13 @@ def sample_widths(spec: SpaceSpec, n: int, seed: int) -> list[Arch]:
     return out
 
 
-def train_standalone(spec: SpaceSpec, arch: Arch, data: DataSplit, epochs: int, seed: int) -> float:
-    """Validation accuracy of build_network(spec, arch) trained from scratch with deploykit.train's recipe."""
+def train_standalone(spec: SpaceSpec, arch: Arch, data: DataSplit, epochs: int, seed: int) -> tuple[float, float]:
+    """Validation (accuracy, loss) of build_network(spec, arch) trained from scratch with deploykit.train's recipe."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_network(spec, arch)
-    return train_network(net, data, epochs=epochs, lr=LR, weight_decay=WEIGHT_DECAY, batch_size=BATCH, seed=seed,
-                         progress=False)["accuracy"]
+    r = train_network(net, data, epochs=epochs, lr=LR, weight_decay=WEIGHT_DECAY, batch_size=BATCH, seed=seed, progress=False)
+    return r["accuracy"], r["val_loss"]
 
 
 def main() -> None:
@@ -108,50 +113,60 @@ def main() -> None:
     ap.add_argument("--standalone-seeds", type=int, default=2, help="stand-alone runs per width config (accuracy averaged)")
     ap.add_argument("--seed", type=int, default=0, help="supernet seed, width sampling seed, first stand-alone seed")
     ap.add_argument("--full-space", action="store_true", help="train the supernets on the whole DIGITS_SPACE (all ops)")
+    ap.add_argument("--width-ratios", help="comma-separated width choices replacing the space's (e.g. 0.25,0.5,0.75,1.0)")
     ap.add_argument("--calibration-images", type=int, default=1000)
     ap.add_argument("--out", default="tools/out/supernet/ranking.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.monotonic()
 
-    spec = space(args.full_space)
+    ratios = tuple(float(r) for r in args.width_ratios.split(",")) if args.width_ratios else None
+    spec = space(args.full_space, ratios)
     data = load_dataset("digits", max(spec.resolutions))
     archs = sample_widths(spec, args.n_widths, args.seed)
     print(f"space {spec.name}: {len(archs)} width configs, ops {FIXED}; {len(data.train_y)} train / {len(data.val_y)} val images",
           file=sys.stderr)
 
     supernet_acc: dict[str, list[float]] = {}
+    supernet_loss: dict[str, list[float]] = {}
     supernet_info: dict[str, dict] = {}
     for mode in ("bilateral", "left"):
         sn = Supernet(spec, mode, seed=args.seed)
         rep = train_supernet(sn, data, epochs=args.supernet_epochs, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
                              seed=args.seed)
         t0 = time.monotonic()
-        supernet_acc[mode] = [evaluate_arch(sn, a, data, calibration_images=args.calibration_images)
-                              for a in tqdm(archs, desc=f"evaluate ({mode})", file=sys.stderr, dynamic_ncols=True)]
+        scores = [score_arch(sn, a, data, calibration_images=args.calibration_images)
+                  for a in tqdm(archs, desc=f"evaluate ({mode})", file=sys.stderr, dynamic_ncols=True)]
+        supernet_acc[mode] = [sc["accuracy"] for sc in scores]
+        supernet_loss[mode] = [sc["loss"] for sc in scores]
         supernet_info[mode] = {"train_s": round(rep["seconds"], 1), "eval_s": round(time.monotonic() - t0, 1),
                                "final_loss": rep["final_loss"], "subnets_per_step": round(rep["subnets_per_step"], 2)}
 
     seeds = [args.seed + i for i in range(args.standalone_seeds)]
     t0 = time.monotonic()
     standalone_runs = np.zeros((len(archs), len(seeds)))
+    standalone_loss_runs = np.zeros((len(archs), len(seeds)))
     with tqdm(total=len(archs) * len(seeds), desc="stand-alone", file=sys.stderr, dynamic_ncols=True) as bar:
         for j, s in enumerate(seeds):
             for i, a in enumerate(archs):
-                standalone_runs[i, j] = train_standalone(spec, a, data, args.standalone_epochs, s)
+                standalone_runs[i, j], standalone_loss_runs[i, j] = train_standalone(spec, a, data, args.standalone_epochs, s)
                 bar.update(1)
     standalone_s = time.monotonic() - t0
     standalone = standalone_runs.mean(1).tolist()
+    standalone_loss = standalone_loss_runs.mean(1).tolist()
 
     results = {}
     for mode in ("bilateral", "left"):
         tau, p = kendall_tau(supernet_acc[mode], standalone)
+        loss_tau, loss_p = kendall_tau(supernet_loss[mode], standalone_loss)
         acc = supernet_acc[mode]
-        results[mode] = {"kendall_tau": tau, "p_value": p, "supernet_acc_min": min(acc), "supernet_acc_max": max(acc),
+        results[mode] = {"kendall_tau": tau, "p_value": p, "loss_kendall_tau": loss_tau, "loss_p_value": loss_p,
+                         "supernet_acc_min": min(acc), "supernet_acc_max": max(acc),
                          "supernet_acc_mean": float(np.mean(acc)), **supernet_info[mode]}
-    seed_tau = None
+    seed_tau = seed_loss_tau = None
     if len(seeds) > 1:  # how well two stand-alone seeds agree: a ceiling for any supernet's tau
         seed_tau = kendall_tau(standalone_runs[:, 0].tolist(), standalone_runs[:, 1].tolist())[0]
+        seed_loss_tau = kendall_tau(standalone_loss_runs[:, 0].tolist(), standalone_loss_runs[:, 1].tolist())[0]
     wall = time.monotonic() - t_start
 
     n_val = len(data.val_y)
@@ -159,24 +174,31 @@ def main() -> None:
           f"(1 image = {100 / n_val:.2f} pp)\n")
     print(f"supernet epochs {args.supernet_epochs}, stand-alone epochs {args.standalone_epochs} x {len(seeds)} seed(s), "
           f"seed {args.seed}\n")
-    print("| mode | Kendall tau | p | supernet acc min..max (mean) | stand-alone acc min..max | train s | eval s |")
+    print("| mode | Kendall tau, accuracy (p) | Kendall tau, val loss (p) | supernet acc min..max (mean) | "
+          "stand-alone acc min..max | train s | eval s |")
     print("|---|---|---|---|---|---|---|")
+
+    def p_(v):
+        return f"{v:.3f}" if v is not None else "-"
     for mode, r in results.items():
-        p = f"{r['p_value']:.3f}" if r["p_value"] is not None else "-"
-        print(f"| {mode} | {r['kendall_tau']:.3f} | {p} | {r['supernet_acc_min']:.4f}..{r['supernet_acc_max']:.4f} "
-              f"({r['supernet_acc_mean']:.4f}) | {min(standalone):.4f}..{max(standalone):.4f} | {r['train_s']} | {r['eval_s']} |")
+        print(f"| {mode} | {r['kendall_tau']:.3f} ({p_(r['p_value'])}) | {r['loss_kendall_tau']:.3f} ({p_(r['loss_p_value'])}) | "
+              f"{r['supernet_acc_min']:.4f}..{r['supernet_acc_max']:.4f} ({r['supernet_acc_mean']:.4f}) | "
+              f"{min(standalone):.4f}..{max(standalone):.4f} | {r['train_s']} | {r['eval_s']} |")
     if seed_tau is not None:
-        print(f"\nstand-alone seed-vs-seed Kendall tau: {seed_tau:.3f}")
+        print(f"\nstand-alone seed-vs-seed Kendall tau: accuracy {seed_tau:.3f}, val loss {seed_loss_tau:.3f}")
     print(f"\nstand-alone training {standalone_s:.1f} s; wall time {wall:.1f} s")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"args": vars(args), "space": spec.to_dict(), "fixed_op": FIXED, "n_train": len(data.train_y), "n_val": n_val,
            "optimiser": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH, "schedule": "cosine"},
-           "results": results, "standalone_seed_tau": seed_tau, "standalone_s": round(standalone_s, 1), "wall_s": round(wall, 1),
+           "results": results, "standalone_seed_tau": seed_tau,
+           "standalone_seed_loss_tau": seed_loss_tau, "standalone_s": round(standalone_s, 1), "wall_s": round(wall, 1),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
            "widths": [{"widths": list(a.widths), "standalone_acc": standalone[i], "standalone_runs": standalone_runs[i].tolist(),
-                       **{f"supernet_{m}": supernet_acc[m][i] for m in supernet_acc}} for i, a in enumerate(archs)]}
+                       "standalone_loss": standalone_loss[i], "standalone_loss_runs": standalone_loss_runs[i].tolist(),
+                       **{f"supernet_{m}": supernet_acc[m][i] for m in supernet_acc},
+                       **{f"supernet_loss_{m}": supernet_loss[m][i] for m in supernet_loss}} for i, a in enumerate(archs)]}
     out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)
 
