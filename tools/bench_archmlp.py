@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--kernel-predictor", help="kernel-level predictor file for the pre-trained rows")
     ap.add_argument("--pretrain-n", type=int, default=5000)
     args = ap.parse_args()
+    if args.passes < 1:
+        ap.error(f"--passes must be >= 1, got {args.passes}")
 
     spec = get_space(args.space)
     backend = get_backend(args.backend, threads=args.threads)

@@ -18,8 +18,8 @@ reported for both" (bilateral = BCNet, arXiv 2105.10533; left = plain left-align
 Usage: python tools/bench_supernet_ranking.py [--supernet-epochs 25] [--standalone-epochs 15] [--n-widths 20]
        [--standalone-seeds 2] [--seed 0] [--full-space] [--width-ratios 0.25,0.5,0.75,1.0]
        [--out tools/out/supernet/ranking.json]
---width-ratios replaces the space's width choices: narrower networks underfit digits, so accuracy differs between
-width configs by more than the noise of one training run.
+--width-ratios replaces the space's width choices, for a wider range of capacities. (On digits, 0.25-1.0 did
+not make the stand-alone ranking repeat across seeds: the README has the runs.)
 Prints a Markdown table; writes JSON. Runs with one torch thread (much faster than two on small CPUs).
 """
 from __future__ import annotations
