@@ -121,10 +121,15 @@ def _compress_fraction(out, fraction: str, *extra):
                    "--example-shape", PRUNED_SHAPE, "--out", out, "--no-progress", *extra, timeout=900)
 
 
-def test_budget_fraction_is_judged_against_the_original_measured_in_alternation(tmp_path):
+def test_budget_fraction_arguments_are_checked(tmp_path):
     assert "--budget-fraction must be between 0 and 1" in one_error_line(_compress_fraction(tmp_path / "bad", "1.5"))
     both = _compress_fraction(tmp_path / "both", "0.5", "--budget-ms", "1")
     assert both.returncode == 2 and "not allowed with" in both.stderr
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "both").exists()
+
+
+@pytest.mark.slow  # a whole pruning run, about 100 s: `python -m pytest -m slow`
+def test_budget_fraction_is_judged_against_the_original_measured_in_alternation(tmp_path):
     out = tmp_path / "run"
     proc = _compress_fraction(out, "0.6", "--finetune-epochs", "0")
     report = json.loads((out / "report.json").read_text())

@@ -148,7 +148,10 @@ def test_ctrl_c_leaves_a_run_that_resumes(evolution_run, tmp_path, budget):
     args = [sys.executable, "-m", "deploykit", "search", "--device", DEVICE, "--budget-ms", str(budget), "--out", str(out),
             "--epochs", "3", "--finetune-epochs", "1", "--measure-n", "6", "--population", "4", "--generations", "1",
             "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a terminal's Ctrl-C: SIGINT at its default, even when this suite was started in the background, where
+    # the shell hands every child an ignored SIGINT and the signal below would be lost
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (out / "supernet.ckpt").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
