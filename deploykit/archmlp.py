@@ -477,7 +477,7 @@ def load_measurements(paths: Sequence[str | os.PathLike]) -> tuple[SpaceSpec, di
     """
     if not paths:
         raise DeployKitError("no measurement files given: pass --data FILE.jsonl")
-    spec, device, archs, lat = None, {}, {}, {}
+    spec, device, archs, timings = None, {}, {}, {}
     for p in paths:
         header, records, _ = read_measurements(p)
         s = SpaceSpec.from_dict(header.get("spec", {}))
@@ -490,8 +490,9 @@ def load_measurements(paths: Sequence[str | os.PathLike]) -> tuple[SpaceSpec, di
         for r in records:
             a = Arch.from_dict(r["arch"])
             archs[a.key] = a
-            lat.setdefault(a.key, []).append(float(r["latency_ms"]))  # several passes (or files): their median
-    return spec, device, list(archs.values()), np.array([np.median(lat[k]) for k in archs], dtype=np.float64)
+            timings.setdefault(a.key, []).append(r)
+    lat = [_aggregate(timings[k])["latency_ms"] for k in archs]  # several passes (or files): their median
+    return spec, device, list(archs.values()), np.array(lat, dtype=np.float64)
 
 
 # -- the model file --------------------------------------------------------------------------

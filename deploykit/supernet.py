@@ -57,6 +57,7 @@ from .archspace import (
 from .data import DataSplit
 from .errors import DeployKitError, InternalError
 from .fileio import load_checkpoint_doc, save_checkpoint
+from .train import logit_scores
 from .zoo import make_divisible
 
 WIDTH_MODES = ("bilateral", "left")
@@ -364,10 +365,10 @@ def score_arch(supernet: Supernet, arch: Arch, data: DataSplit, side: str | None
             supernet.eval()
             with torch.no_grad():
                 logits = torch.cat([supernet(xb, arch, s) for xb in torch.split(data.val_x, batch_size)])
-            scores.append(((logits.argmax(1) == data.val_y).float().mean().item(), F.cross_entropy(logits, data.val_y).item()))
+            scores.append(logit_scores(logits, data.val_y))
     finally:
         supernet.train(was_training)
-    return {"accuracy": float(np.mean([a for a, _ in scores])), "loss": float(np.mean([loss for _, loss in scores]))}
+    return {k: float(np.mean([sc[k] for sc in scores])) for k in ("accuracy", "loss")}
 
 
 def evaluate_arch(supernet: Supernet, arch: Arch, data: DataSplit, side: str | None = None, *, calibration_images: int = 2000,

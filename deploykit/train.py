@@ -28,14 +28,18 @@ CHECKPOINT_FORMAT = "deploykit-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def validation_scores(net: nn.Module, data: DataSplit, batch_size: int = 256) -> dict:
-    """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of `net` (put in eval mode) on the validation split.
+def logit_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of class logits against labels.
     The loss tells apart networks whose accuracies differ by an image or two."""
+    return {"accuracy": float((logits.argmax(1) == labels).float().mean()), "loss": float(F.cross_entropy(logits, labels))}
+
+
+def validation_scores(net: nn.Module, data: DataSplit, batch_size: int = 256) -> dict:
+    """logit_scores of `net` (put in eval mode) on the validation split."""
     net.eval()
     with torch.no_grad():
         logits = torch.cat([net(xb) for xb in torch.split(data.val_x, batch_size)])
-    return {"accuracy": float((logits.argmax(1) == data.val_y).float().mean()),
-            "loss": float(F.cross_entropy(logits, data.val_y))}
+    return logit_scores(logits, data.val_y)
 
 
 def accuracy(net: nn.Module, data: DataSplit, batch_size: int = 256) -> float:
