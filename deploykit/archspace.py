@@ -72,6 +72,7 @@ class SpaceSpec:
     expansions: tuple[int, ...] = (3, 6)
     width_ratios: tuple[float, ...] = (0.5, 0.75, 1.0)
     allow_skip: bool = True
+    channel_divisor: int = 8  # a stage's width rounds to a multiple of this (MobileNet's 8; 1 for tiny networks)
 
     def __post_init__(self) -> None:
         # Lists and dicts (from JSON) become tuples and StageSpecs, so equal specs compare equal.
@@ -89,7 +90,7 @@ class SpaceSpec:
             raise DeployKitError("space spec: stages must be {channels, depth, stride} objects, width_ratios numbers") from None
         set_(self, "stages", stages)
         set_(self, "width_ratios", ratios)
-        for field_name in ("num_classes", "stem_channels", "head_channels"):
+        for field_name in ("num_classes", "stem_channels", "head_channels", "channel_divisor"):
             v = getattr(self, field_name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise DeployKitError(f"space spec: {field_name} must be a positive integer, got {v!r}")
@@ -103,6 +104,14 @@ class SpaceSpec:
             raise DeployKitError(f"space spec: width_ratios must be distinct numbers in (0, 4], got {list(ratios)}")
         if not isinstance(self.allow_skip, bool):
             raise DeployKitError(f"space spec: allow_skip must be true or false, got {self.allow_skip!r}")
+
+    def stage_width(self, stage: StageSpec, ratio: float) -> int:
+        """Channels of `stage` at width `ratio`: MobileNet's rounding to a multiple of channel_divisor."""
+        return make_divisible(stage.channels * ratio, self.channel_divisor)
+
+    def widest_channels(self) -> list[int]:
+        """Per stage the widest channel count any width ratio gives (a supernet's stage width)."""
+        return [max(self.stage_width(s, r) for r in self.width_ratios) for s in self.stages]
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -249,7 +258,7 @@ class Block:
 
 
 def stage_channels(spec: SpaceSpec, arch: Arch) -> list[int]:
-    return [make_divisible(s.channels * w) for s, w in zip(spec.stages, arch.widths)]
+    return [spec.stage_width(s, w) for s, w in zip(spec.stages, arch.widths)]
 
 
 def block_plan(spec: SpaceSpec, arch: Arch) -> list[Block]:

@@ -13,7 +13,7 @@ vector laid out like `archspace.encode`, with weights in place of one-hot groups
   Candidates there are residual (x + IR(x)), as in the final network. K = 1 is plain DARTS.
   PC-DARTS's edge normalisation has no role here: every block has one input, so no edges compete.
 - Widths (FBNetV2): after every block, a stage's output is multiplied by a soft channel mask, the
-  weighted sum of one left-aligned mask per width ratio (ones on its first make_divisible(C * r) channels).
+  weighted sum of one left-aligned mask per width ratio (ones on its first spec.stage_width(stage, r) channels).
 - Resolution: with several, one is sampled per step with a hard straight-through Gumbel-softmax; the
   batch is resized to it and the logits are multiplied by its weight (1 forward, a gradient backward).
 
@@ -55,7 +55,7 @@ from .archspace import FIXED_OP, SKIP, Arch, SpaceSpec, choice_groups, decode, e
 from .data import DataSplit
 from .errors import DeployKitError, InternalError
 from .fileio import load_checkpoint_doc, save_checkpoint
-from .zoo import InvertedResidual, conv_bn_act, make_divisible
+from .zoo import InvertedResidual, conv_bn_act
 
 CHECKPOINT_FORMAT = "deploykit-darts-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -110,14 +110,9 @@ class MixedOp(nn.Module):
         return torch.stack(parts, 2).view(b, c, h, w)
 
 
-def widest_channels(spec: SpaceSpec) -> list[int]:
-    """Per stage the widest channel count any width ratio gives: the search network's stage width."""
-    return [max(make_divisible(s.channels * r) for r in spec.width_ratios) for s in spec.stages]
-
-
 def partial_channel_counts(spec: SpaceSpec) -> list[int]:
     """The channel counts of the searchable blocks that keep the shape: partial_channels must divide each."""
-    widest, out = widest_channels(spec), set()
+    widest, out = spec.widest_channels(), set()
     for si, stage in enumerate(spec.stages[1:], start=1):
         if stage.depth > 1 or (stage.stride == 1 and widest[si - 1] == widest[si]):
             out.add(widest[si])
@@ -134,7 +129,7 @@ class DartsSupernet(nn.Module):
     def __init__(self, spec: SpaceSpec, partial_channels: int = 2, *, seed: int = 0):
         super().__init__()
         self.spec, self.partial_channels = spec, int(partial_channels)
-        self.stage_max = widest_channels(spec)
+        self.stage_max = spec.widest_channels()
         slices = {name: slice(start, start + size) for name, start, size in groups(spec)}
         self.width_slices = [slices[f"s{si}.width"] for si in range(len(spec.stages))]
         self.resolution_slice = slices["resolution"]
@@ -165,7 +160,7 @@ class DartsSupernet(nn.Module):
         for si, (stage, widest) in enumerate(zip(spec.stages, self.stage_max)):
             masks = torch.zeros(len(spec.width_ratios), widest)
             for ri, r in enumerate(spec.width_ratios):
-                masks[ri, :make_divisible(stage.channels * r)] = 1.0  # left-aligned: width c uses channels [0:c]
+                masks[ri, :spec.stage_width(stage, r)] = 1.0  # left-aligned: width c uses channels [0:c]
             self.register_buffer(f"width_masks{si}", masks, persistent=False)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):  # batch statistics only: the search never evaluates a fixed network

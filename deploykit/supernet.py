@@ -58,7 +58,6 @@ from .data import DataSplit
 from .errors import DeployKitError, InternalError
 from .fileio import load_checkpoint_doc, save_checkpoint
 from .train import logit_scores
-from .zoo import make_divisible
 
 WIDTH_MODES = ("bilateral", "left")
 SIDES = ("left", "right")
@@ -84,8 +83,8 @@ def _side_slice(total: int, used: int, side: str) -> slice:
 
 
 def max_stage_channels(spec: SpaceSpec) -> list[int]:
-    """Per stage the largest width any ratio gives (make_divisible of channels * max ratio)."""
-    return [max(make_divisible(s.channels * r) for r in spec.width_ratios) for s in spec.stages]
+    """Per stage the largest width any ratio gives."""
+    return spec.widest_channels()
 
 
 def _ops_of_block(spec: SpaceSpec, b: Block) -> list[str]:

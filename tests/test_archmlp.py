@@ -78,6 +78,7 @@ def test_spec_round_trips_through_json(name, tmp_path):
     ({"resolutions": []}, "resolutions"),
     ({"width_ratios": [0.5, 0.5]}, "width_ratios"),
     ({"num_classes": 0}, "num_classes"),
+    ({"channel_divisor": 0}, "channel_divisor"),
     ({"depth_multiplier": 2}, "unknown fields"),
 ])
 def test_bad_spec_is_one_clear_error(change, match):

@@ -171,6 +171,23 @@ def test_extract_matches_supernet(digits, side):
         assert diff < 1e-4, (arch, diff)
 
 
+def test_channel_divisor_one_keeps_exact_widths(digits):
+    """A tiny space rounds widths to single channels; supernet, sides and extracted networks follow it."""
+    tiny = SpaceSpec(name="tiny", resolutions=(32,), num_classes=10, stem_channels=4, head_channels=16, kernel_sizes=(3,),
+                     expansions=(3,), width_ratios=(0.25, 0.5, 1.0), channel_divisor=1,
+                     stages=((4, 1, 1), (6, 1, 2), (8, 1, 2)))
+    arch = Arch(ops=("k3e3", "k3e3"), widths=(0.25, 0.5, 1.0), resolution=32)
+    assert stage_channels(tiny, arch) == [1, 3, 8] and max_stage_channels(tiny) == [4, 6, 8]
+    assert stage_channels(DIGITS_SPACE, arch) == [8, 16, 32]  # MobileNet's rounding to multiples of 8
+    net = Supernet(tiny, "bilateral")
+    calibrate_bn(net, arch, digits.train_x[:128], "right")
+    standalone = extract(net, arch, "right")
+    net.eval()
+    with torch.no_grad():
+        diff = (standalone(digits.val_x[:16]) - net(digits.val_x[:16], arch, "right")).abs().max()
+    assert diff < 1e-4
+
+
 def test_extract_needs_calibration():
     with pytest.raises(DeployKitError, match=r"extract needs this sub-network's BatchNorm statistics: call calibrate_bn"):
         extract(Supernet(SPEC), largest_arch(SPEC))

@@ -17,6 +17,9 @@ with `time deploykit search ...` (README).
 
 Usage: python tools/bench_search.py [--device epyc-2c-ort-t1] [--budgets 5] [--darts-budgets 3] [--supernet-epochs 16]
        [--train-epochs 15] [--seeds 2] [--out tools/out/search]
+       python tools/bench_search.py --rescore tools/out/search/bench.json --seeds 6 [--workers 2]
+--rescore repeats only step 4 for an earlier run, with more seeds, and reports each delta with its standard error
+and the mean delta over all rows with a 95% interval.
 """
 from __future__ import annotations
 
@@ -60,14 +63,77 @@ def baseline(spec: SpaceSpec, w: float) -> tuple[SpaceSpec, Arch]:
     return s, Arch(ops=(BASELINE_OP,) * n_ops, widths=(w,) * len(spec.stages), resolution=max(spec.resolutions))
 
 
+def scratch_run(spec: SpaceSpec, arch: Arch, data, epochs: int, seed: int) -> float:
+    """Validation accuracy of build_network(spec, arch) trained from scratch with deploykit.train's recipe."""
+    torch.set_num_threads(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(spec, arch)
+    return train_network(net, data, epochs=epochs, seed=seed, progress=False)["accuracy"]
+
+
 def scratch_accuracy(spec: SpaceSpec, arch: Arch, data, epochs: int, seeds: int) -> list[float]:
-    out = []
-    for seed in range(seeds):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = build_network(spec, arch)
-        out.append(train_network(net, data, epochs=epochs, seed=seed, progress=False)["accuracy"])
-    return out
+    return [scratch_run(spec, arch, data, epochs, seed) for seed in range(seeds)]
+
+
+def rescore(path: Path, seeds: int, workers: int) -> None:
+    """Re-run the fair comparison of an earlier bench.json with more seeds: same architectures, same measured latencies.
+
+    Every searched network and every baseline width is trained from scratch with seeds 0..seeds-1 (the first two are
+    the earlier run's); per row the delta against the baseline's envelope, with its standard error, and over all rows
+    the mean delta with a t-based 95% interval. Writes rescore-<seeds>.json next to bench.json.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+    doc = json.loads(path.read_text())
+    spec = DIGITS_SPACE
+    data = load_dataset("digits", max(spec.resolutions), seed=0)
+    jobs = [("base", i, *baseline(spec, b["width"]), s) for i, b in enumerate(doc["baseline"]) for s in range(seeds)]
+    jobs += [("row", i, spec, Arch.from_dict(r["arch"]), s) for i, r in enumerate(doc["rows"]) for s in range(seeds)]
+    accs: dict[tuple[str, int], list[float]] = {}
+    t0 = time.monotonic()
+    with ProcessPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc="from scratch", file=sys.stderr) as bar:
+        futures = [(kind, i, pool.submit(scratch_run, s_, a, data, doc["train_epochs"], seed)) for kind, i, s_, a, seed in jobs]
+        for kind, i, f in futures:
+            accs.setdefault((kind, i), []).append(f.result())
+            bar.update(1)
+    n_val = len(data.val_y)
+    base = [(b["measured_ms"], float(np.mean(accs[("base", i)]))) for i, b in enumerate(doc["baseline"])]
+    base_se = {b[0]: float(np.std(accs[("base", i)], ddof=1) / np.sqrt(seeds)) for i, b in enumerate(base)}
+    print(f"\nfrom scratch {doc['train_epochs']} epochs x {seeds} seeds; {n_val} val images (1 image = {100 / n_val:.2f} pt); "
+          f"{(time.monotonic() - t0) / 60:.1f} min\n")
+    print("| budget ms | method | measured ms | searched, mean +- se | uniform baseline at same latency | delta +- se |")
+    print("|---|---|---|---|---|---|")
+    deltas = []
+    for i, r in enumerate(doc["rows"]):
+        a = accs[("row", i)]
+        m, se = float(np.mean(a)), float(np.std(a, ddof=1) / np.sqrt(seeds))
+        b, inside = interpolate(base, r["measured_ms"])
+        # the baseline's error at that latency: the larger of its two neighbours' (a conservative stand-in)
+        xs = sorted(base_se)
+        j = int(np.clip(np.searchsorted(xs, r["measured_ms"]), 1, len(xs) - 1))
+        bse = max(base_se[xs[j - 1]], base_se[xs[j]])
+        d, dse = m - b, float(np.hypot(se, bse))
+        deltas.append(d)
+        r.update({"rescore_accs": a, "rescore_accuracy": m, "rescore_baseline": b, "rescore_delta": d, "rescore_delta_se": dse})
+        print(f"| {r['budget_ms']:.4f} | {r['method']} | {r['measured_ms']:.4f} | {m:.2%} +- {100 * se:.2f} | "
+              f"{b:.2%}{'' if inside else ' (extrapolated)'} | {100 * d:+.2f} +- {100 * dse:.2f} pt |")
+    from scipy import stats
+    mean, sem = float(np.mean(deltas)), float(stats.sem(deltas))
+    half = float(stats.t.ppf(0.975, len(deltas) - 1) * sem)
+    print("\n| uniform width | measured ms | from scratch, mean +- se |")
+    print("|---|---|---|")
+    for i, b in enumerate(doc["baseline"]):
+        a = accs[("base", i)]
+        print(f"| {b['width']:g} | {b['measured_ms']:.4f} | {np.mean(a):.2%} +- {100 * np.std(a, ddof=1) / np.sqrt(seeds):.2f} |")
+    print(f"\nahead of the baseline: {sum(d > 0 for d in deltas)}/{len(deltas)}; mean delta {100 * mean:+.2f} pt, "
+          f"95% interval {100 * (mean - half):+.2f} to {100 * (mean + half):+.2f} pt")
+    out = path.with_name(f"rescore-{seeds}.json")
+    out.write_text(json.dumps({"source": str(path), "seeds": seeds, "rows": doc["rows"],
+                               "baseline": [{**b, "rescore_accs": accs[("base", i)]} for i, b in enumerate(doc["baseline"])],
+                               "mean_delta": mean, "delta_interval_95": [mean - half, mean + half]}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def interpolate(curve: list[tuple[float, float]], x: float) -> tuple[float, bool]:
@@ -90,8 +156,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/out/search")
+    ap.add_argument("--rescore", metavar="BENCH_JSON",
+                    help="skip the search: re-run an earlier run's fair comparison with --seeds seeds (e.g. 6)")
+    ap.add_argument("--workers", type=int, default=2, help="--rescore: training processes (one thread each)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.rescore:
+        return rescore(Path(args.rescore), args.seeds, args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
