@@ -19,7 +19,8 @@ Usage: python tools/bench_search.py [--device epyc-2c-ort-t1] [--budgets 5] [--d
        [--train-epochs 15] [--seeds 2] [--out tools/out/search]
        python tools/bench_search.py --rescore tools/out/search/bench.json --seeds 6 [--workers 2]
 --rescore repeats only step 4 for an earlier run, with more seeds, and reports each delta with its standard error
-and the mean delta over all rows with a 95% interval.
+and the mean delta over all rows with a 95% interval. --fitness loss runs the evolution on the supernet's
+cross-entropy instead of its accuracy (an experiment; the CLI uses accuracy).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def scratch_accuracy(spec: SpaceSpec, arch: Arch, data, epochs: int, seeds: int)
     return [scratch_run(spec, arch, data, epochs, seed) for seed in range(seeds)]
 
 
-def rescore(path: Path, seeds: int, workers: int) -> None:
+def rescore(path: Path, seeds: int, workers: int, baseline_from: str | None = None) -> None:
     """Re-run the fair comparison of an earlier bench.json with more seeds: same architectures, same measured latencies.
 
     Every searched network and every baseline width is trained from scratch with seeds 0..seeds-1 (the first two are
@@ -89,9 +90,16 @@ def rescore(path: Path, seeds: int, workers: int) -> None:
     doc = json.loads(path.read_text())
     spec = DIGITS_SPACE
     data = load_dataset("digits", max(spec.resolutions), seed=0)
-    jobs = [("base", i, *baseline(spec, b["width"]), s) for i, b in enumerate(doc["baseline"]) for s in range(seeds)]
-    jobs += [("row", i, spec, Arch.from_dict(r["arch"]), s) for i, r in enumerate(doc["rows"]) for s in range(seeds)]
     accs: dict[tuple[str, int], list[float]] = {}
+    if baseline_from:  # the same widths and seeds trained before (training is deterministic); latencies stay this run's
+        prev = json.loads(Path(baseline_from).read_text())["baseline"]
+        same_widths = [b["width"] for b in prev] == [b["width"] for b in doc["baseline"]]
+        if not same_widths or any(len(b["rescore_accs"]) != seeds for b in prev):
+            raise SystemExit(f"{baseline_from} holds another baseline or another number of seeds")
+        accs.update({("base", i): b["rescore_accs"] for i, b in enumerate(prev)})
+    jobs = [] if baseline_from else [("base", i, *baseline(spec, b["width"]), s)
+                                     for i, b in enumerate(doc["baseline"]) for s in range(seeds)]
+    jobs += [("row", i, spec, Arch.from_dict(r["arch"]), s) for i, r in enumerate(doc["rows"]) for s in range(seeds)]
     t0 = time.monotonic()
     with ProcessPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc="from scratch", file=sys.stderr) as bar:
         futures = [(kind, i, pool.submit(scratch_run, s_, a, data, doc["train_epochs"], seed)) for kind, i, s_, a, seed in jobs]
@@ -143,6 +151,25 @@ def interpolate(curve: list[tuple[float, float]], x: float) -> tuple[float, bool
     return float(np.interp(x, xs, ys)), bool(xs[0] <= x <= xs[-1])
 
 
+def evolution_by_loss(spec: SpaceSpec, data, latency, band, supernet, choice_losses, *, seed: int, log_dir: Path) -> dict:
+    """evolution_phase with the supernet's validation loss (cross-entropy, lower is better) as the fitness in place of
+    its accuracy: on ~290 held-out digits, accuracies of good candidates tie within an image or two."""
+    from deploykit.pipeline import FITNESS_CALIBRATION_IMAGES, search_split
+    from deploykit.search import choice_prior, evolutionary_search
+    from deploykit.supernet import score_arch
+    fitness_data = search_split(data, seed)
+
+    def fitness(arch: Arch) -> float:
+        return -score_arch(supernet, arch, fitness_data, calibration_images=FITNESS_CALIBRATION_IMAGES)["loss"]
+
+    result = evolutionary_search(spec, fitness, latency.predict_ms, *band, population=16, generations=6,
+                                 prior=choice_prior(spec, choice_losses), seed=seed, progress=True,
+                                 log_path=log_dir / "evolution-loss.jsonl")
+    ranked = sorted(result.candidates, key=lambda c: (-c.accuracy, c.predicted_ms))  # c.accuracy holds -loss here
+    return {"arch": ranked[0].arch.to_dict(), "predicted_ms": ranked[0].predicted_ms, "supernet_accuracy": None,
+            "supernet_loss": -ranked[0].accuracy, "ranked": [c.to_dict() for c in ranked]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="epyc-2c-ort-t1")
@@ -156,13 +183,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/out/search")
+    ap.add_argument("--fitness", choices=("accuracy", "loss"), default="accuracy",
+                    help="evolution's fitness: the supernet's held-out accuracy (the CLI's) or its cross-entropy")
     ap.add_argument("--rescore", metavar="BENCH_JSON",
                     help="skip the search: re-run an earlier run's fair comparison with --seeds seeds (e.g. 6)")
     ap.add_argument("--workers", type=int, default=2, help="--rescore: training processes (one thread each)")
+    ap.add_argument("--baseline-from", metavar="RESCORE_JSON",
+                    help="--rescore: take the baseline's accuracies from an earlier rescore with as many seeds "
+                         "(same widths; its latencies stay the ones measured in BENCH_JSON's run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.rescore:
-        return rescore(Path(args.rescore), args.seeds, args.workers)
+        return rescore(Path(args.rescore), args.seeds, args.workers, args.baseline_from)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -187,7 +219,10 @@ def main() -> None:
             run_dir = out / f"{method}-{i}"
             run_dir.mkdir(exist_ok=True)
             t0 = time.monotonic()
-            if method == "evolution":
+            if method == "evolution" and args.fitness == "loss":
+                found = evolution_by_loss(spec, data, latency, band, supernet, trained["choice_losses"], seed=args.seed,
+                                          log_dir=run_dir)
+            elif method == "evolution":
                 found = evolution_phase(spec, data, latency, band, supernet, trained["choice_losses"], population=16,
                                         generations=6, seed=args.seed, progress=True, log_dir=run_dir)
             else:
