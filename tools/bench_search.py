@@ -108,7 +108,7 @@ def rescore(path: Path, seeds: int, workers: int, baseline_from: str | None = No
             bar.update(1)
     n_val = len(data.val_y)
     base = [(b["measured_ms"], float(np.mean(accs[("base", i)]))) for i, b in enumerate(doc["baseline"])]
-    base_se = {b[0]: float(np.std(accs[("base", i)], ddof=1) / np.sqrt(seeds)) for i, b in enumerate(base)}
+    base_se = sorted((b[0], float(np.std(accs[("base", i)], ddof=1) / np.sqrt(seeds))) for i, b in enumerate(base))
     print(f"\nfrom scratch {doc['train_epochs']} epochs x {seeds} seeds; {n_val} val images (1 image = {100 / n_val:.2f} pt); "
           f"{(time.monotonic() - t0) / 60:.1f} min\n")
     print("| budget ms | method | measured ms | searched, mean +- se | uniform baseline at same latency | delta +- se |")
@@ -119,9 +119,8 @@ def rescore(path: Path, seeds: int, workers: int, baseline_from: str | None = No
         m, se = float(np.mean(a)), float(np.std(a, ddof=1) / np.sqrt(seeds))
         b, inside = interpolate(base, r["measured_ms"])
         # the baseline's error at that latency: the larger of its two neighbours' (a conservative stand-in)
-        xs = sorted(base_se)
-        j = int(np.clip(np.searchsorted(xs, r["measured_ms"]), 1, len(xs) - 1))
-        bse = max(base_se[xs[j - 1]], base_se[xs[j]])
+        j = int(np.clip(np.searchsorted([ms for ms, _ in base_se], r["measured_ms"]), 1, len(base_se) - 1))
+        bse = max(base_se[j - 1][1], base_se[j][1])
         d, dse = m - b, float(np.hypot(se, bse))
         deltas.append(d)
         r.update({"rescore_accs": a, "rescore_accuracy": m, "rescore_baseline": b, "rescore_delta": d, "rescore_delta_se": dse})
