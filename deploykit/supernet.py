@@ -82,11 +82,6 @@ def _side_slice(total: int, used: int, side: str) -> slice:
     return slice(0, used) if side == "left" else slice(total - used, total)
 
 
-def max_stage_channels(spec: SpaceSpec) -> list[int]:
-    """Per stage the largest width any ratio gives."""
-    return spec.widest_channels()
-
-
 def _ops_of_block(spec: SpaceSpec, b: Block) -> list[str]:
     return [FIXED_OP] if b.stage == 0 else [o for o in spec.ops if o != SKIP]
 
@@ -115,7 +110,7 @@ def _with_channels(spec: SpaceSpec, plan: Sequence[Block], channels: Sequence[in
 
 def complementary_channels(spec: SpaceSpec, channels: Sequence[int]) -> list[int]:
     """C - c per stage; a full stage (C - c == 0) stays full, which still uses every channel equally often."""
-    return [C - c if c < C else C for c, C in zip(channels, max_stage_channels(spec))]
+    return [C - c if c < C else C for c, C in zip(channels, spec.widest_channels())]
 
 
 def subnet(spec: SpaceSpec, arch: Arch, side: str = "left") -> SubNet:
@@ -146,7 +141,7 @@ def channel_usage(spec: SpaceSpec, width_mode: str) -> list[np.ndarray]:
     """Per stage, how many of the trained (width, side) slices use each channel, over every width ratio of the
     space: the fairness BCNet is about. Counted from `training_subnets`, i.e. what training really runs."""
     _check_mode(width_mode)
-    counts = [np.zeros(c, dtype=np.int64) for c in max_stage_channels(spec)]
+    counts = [np.zeros(c, dtype=np.int64) for c in spec.widest_channels()]
     for r in spec.width_ratios:
         arch = Arch(largest_arch(spec).ops, (r,) * len(spec.stages), max(spec.resolutions))
         for sn in training_subnets(spec, arch, width_mode):
@@ -213,7 +208,7 @@ def _walk(spec: SpaceSpec, sn: SubNet, stage_max: Sequence[int], hidden_max: Seq
 def _signature(spec: SpaceSpec, sn: SubNet, stage_max: Sequence[int] | None = None,
                hidden_max: Sequence[int] | None = None) -> tuple:
     """What a sub-network computes with which weights: two sub-networks with equal signatures are the same function."""
-    stage_max = max_stage_channels(spec) if stage_max is None else stage_max
+    stage_max = spec.widest_channels() if stage_max is None else stage_max
     hidden_max = [c * e for c, e in _block_maxima(spec)] if hidden_max is None else hidden_max
     steps = tuple((s.index, s.block.op, s.block.residual, s.in_sl.start, s.in_sl.stop, s.hid_sl.start, s.hid_sl.stop,
                    s.out_sl.start, s.out_sl.stop) for s in _walk(spec, sn, stage_max, hidden_max))
@@ -242,7 +237,7 @@ class Supernet(nn.Module):
         super().__init__()
         _check_mode(width_mode)
         self.spec, self.width_mode = spec, width_mode
-        self.stage_max = max_stage_channels(spec)
+        self.stage_max = spec.widest_channels()
         plan = block_plan(spec, largest_arch(spec))
         if [b.cout for b in plan] != [self.stage_max[b.stage] for b in plan]:
             raise InternalError("largest_arch does not reach the largest stage widths")

@@ -17,7 +17,6 @@ from deploykit.supernet import (
     extract,
     largest_arch,
     load_checkpoint,
-    max_stage_channels,
     score_arch,
     smallest_arch,
     train_supernet,
@@ -56,7 +55,7 @@ def test_forward_shape_for_random_archs():
 
 def test_supernet_holds_the_largest_shapes():
     net = Supernet(SPEC)
-    assert max_stage_channels(SPEC) == [16, 24, 32, 64]
+    assert SPEC.widest_channels() == [16, 24, 32, 64]
     blk = net.blocks[-1]  # stage 3, block 1: 64 in, expansion 6, kernel 7
     assert blk.expand.conv.weight.shape == (64 * 6, 64, 1, 1)
     assert blk.dw.conv.weight.shape == (64 * 6, 1, 7, 7)
@@ -84,7 +83,7 @@ def test_right_side_uses_the_last_channels():
     arch = Arch(ops=("k3e3",) * 6, widths=(1.0, 1.0, 1.0, 0.5), resolution=32)
     x = x_batch()
     before = net(x, arch, "right")
-    c, C = stage_channels(SPEC, arch)[3], max_stage_channels(SPEC)[3]
+    c, C = stage_channels(SPEC, arch)[3], SPEC.widest_channels()[3]
     with torch.no_grad():
         for blk in net.blocks[-2:]:  # stage 3: its blocks' outputs
             blk.project.conv.weight[:C - c] = 0.0
@@ -177,7 +176,7 @@ def test_channel_divisor_one_keeps_exact_widths(digits):
                      expansions=(3,), width_ratios=(0.25, 0.5, 1.0), channel_divisor=1,
                      stages=((4, 1, 1), (6, 1, 2), (8, 1, 2)))
     arch = Arch(ops=("k3e3", "k3e3"), widths=(0.25, 0.5, 1.0), resolution=32)
-    assert stage_channels(tiny, arch) == [1, 3, 8] and max_stage_channels(tiny) == [4, 6, 8]
+    assert stage_channels(tiny, arch) == [1, 3, 8] and tiny.widest_channels() == [4, 6, 8]
     assert stage_channels(DIGITS_SPACE, arch) == [8, 16, 32]  # MobileNet's rounding to multiples of 8
     net = Supernet(tiny, "bilateral")
     calibrate_bn(net, arch, digits.train_x[:128], "right")
