@@ -89,7 +89,7 @@ def rescore(path: Path, seeds: int, workers: int, baseline_from: str | None = No
     from tqdm import tqdm
     doc = json.loads(path.read_text())
     spec = DIGITS_SPACE
-    data = load_dataset("digits", max(spec.resolutions), seed=0)
+    data = load_dataset("digits", max(spec.resolutions), seed=doc.get("seed", 0))  # the run's split (runs before "seed" used 0)
     accs: dict[tuple[str, int], list[float]] = {}
     if baseline_from:  # the same widths and seeds trained before (training is deterministic); latencies stay this run's
         prev = json.loads(Path(baseline_from).read_text())["baseline"]
@@ -262,8 +262,8 @@ def main() -> None:
         r["baseline_accuracy"], r["baseline_interpolated"] = interpolate(curve, r["measured_ms"])
         r["delta"] = r["scratch_accuracy"] - r["baseline_accuracy"]
 
-    result = {"device": args.device, "host": platform.node(), "range_ms": [lo, hi], "budgets_ms": budgets, "rows": rows,
-              "baseline": base_rows, "latency_model": latency.info, "supernet_epochs": args.supernet_epochs,
+    result = {"device": args.device, "host": platform.node(), "seed": args.seed, "range_ms": [lo, hi], "budgets_ms": budgets,
+              "rows": rows, "baseline": base_rows, "latency_model": latency.info, "supernet_epochs": args.supernet_epochs,
               "train_epochs": args.train_epochs, "seeds": args.seeds, "seconds": time.monotonic() - t_start}
     (out / "bench.json").write_text(json.dumps(result, indent=1))
 
